@@ -1,0 +1,203 @@
+"""The corruption engine: the 19 ImageNet-C / CIFAR-10-C corruptions x 5 severities, seeded and batched.
+
+``corrupt(images, name, severity, profile, seed)`` takes uint8 NHWC images (numpy or torch) and returns the same
+type, shape and dtype. Each image gets its own random stream derived from ``(seed, corruption, severity, index)``,
+where ``index`` is the image's position in the batch plus ``start`` (or an explicit ``indices``), so an image's output
+never depends on how a dataset is split into batches nor on the global RNG state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import PROFILES, TABLES, severity_param
+
+__all__ = ["corrupt", "corruption_names", "COMMON", "EXTRA", "GROUPS"]
+
+NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
+BLUR = ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur")
+WEATHER = ("snow", "frost", "fog", "brightness")
+DIGITAL = ("contrast", "elastic_transform", "pixelate", "jpeg_compression")
+COMMON = NOISE + BLUR + WEATHER + DIGITAL
+EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+GROUPS = {
+    "common": COMMON,
+    "extra": EXTRA,
+    "all": COMMON + EXTRA,
+    "noise": NOISE,
+    "blur": BLUR,
+    "weather": WEATHER,
+    "digital": DIGITAL,
+}
+
+# A corruption: fn(images uint8 NHWC, severity parameter, one Generator per image, profile) -> uint8, or float in
+# [0, 1] that the engine clips and truncates to uint8 as the original code does.
+CorruptionFn = Callable[[np.ndarray, object, list, str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: CorruptionFn
+    rgb_only: bool  # works on colour (HSV, colour textures): grey images are expanded to RGB and back
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, rgb_only: bool = False) -> Callable[[CorruptionFn], CorruptionFn]:
+    def deco(fn: CorruptionFn) -> CorruptionFn:
+        _REGISTRY[name] = _Entry(fn, rgb_only)
+        return fn
+
+    return deco
+
+
+def corruption_names(subset: str = "common") -> list[str]:
+    """The corruption names of a subset, in the canonical benchmark order.
+
+    Args:
+        subset: common (the 15 benchmark corruptions), extra (the 4 held-out ones), all, noise, blur, weather or
+            digital.
+
+    Example:
+        >>> corruption_names("noise")
+        ['gaussian_noise', 'shot_noise', 'impulse_noise']
+    """
+    if subset not in GROUPS:
+        raise ValueError(f"expected a corruption subset in {sorted(GROUPS)}, got {subset!r}")
+    return list(GROUPS[subset])
+
+
+def _validate(name: str, severity: int, profile: str) -> None:
+    if name not in GROUPS["all"]:
+        raise ValueError(f"expected a corruption name, one of {', '.join(GROUPS['all'])}; got {name!r}")
+    if name not in _REGISTRY:
+        raise NotImplementedError(f"corruption {name!r} is not implemented yet in this version of bnadapt")
+    if profile not in PROFILES:
+        raise ValueError(f"expected profile to be one of {', '.join(PROFILES)}, got {profile!r}")
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+        raise ValueError(f"expected severity to be an integer in 1..5, got {severity!r}")
+
+
+def _as_uint8_nhwc(images) -> tuple[np.ndarray, Callable[[np.ndarray], object], bool]:
+    """Return (uint8 NHWC array, converter back to the caller's type, whether a batch axis was added)."""
+    back: Callable[[np.ndarray], object] = lambda a: a  # noqa: E731
+    if hasattr(images, "detach") and hasattr(images, "cpu"):  # a torch tensor, without importing torch here
+        import torch
+
+        device = images.device
+        back = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        images = images.detach().cpu().numpy()
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise TypeError(
+            f"expected uint8 images (values 0..255), got dtype {x.dtype}; convert with (x * 255).astype(uint8)"
+        )
+    single = x.ndim == 3
+    if single:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected images of shape (N, H, W, C) or (H, W, C) with C = 1 or 3 (channels last), got shape {x.shape}"
+        )
+    if x.shape[1] < 32 or x.shape[2] < 32:
+        raise ValueError(
+            f"expected images of at least 32x32 pixels, got {x.shape[1]}x{x.shape[2]}; upsample them first"
+        )
+    return np.ascontiguousarray(x), back, single
+
+
+def image_rngs(seed: int | np.random.Generator | None, name: str, severity: int, indices: Sequence[int]) -> list:
+    """One independent ``numpy.random.Generator`` per image, keyed by (seed, corruption, severity, image index)."""
+    if isinstance(seed, np.random.Generator):
+        base = int(seed.integers(0, 2**63 - 1))
+    elif seed is None:
+        base = 0
+    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        base = int(seed)
+    else:
+        raise ValueError(f"expected seed to be a non-negative integer or a numpy Generator, got {seed!r}")
+    key = zlib.crc32(name.encode())
+    return [np.random.default_rng([base, key, severity, int(i)]) for i in indices]
+
+
+def corrupt(
+    images,
+    name: str,
+    severity: int,
+    profile: str = "imagenet",
+    seed: int | np.random.Generator | None = 0,
+    start: int = 0,
+    indices: Sequence[int] | None = None,
+):
+    """Apply one corruption at one severity to a batch of uint8 images.
+
+    The ``imagenet`` profile's constants are defined for 224x224 images and the ``cifar`` profile's for 32x32; other
+    sizes (at least 32x32) work, with the corruption's strength in pixels unchanged (so relatively milder on larger
+    images and stronger on smaller ones).
+
+    Args:
+        images: uint8 array or tensor, (N, H, W, C) or (H, W, C), C = 1 or 3.
+        name: a corruption name (see :func:`corruption_names`).
+        severity: 1..5.
+        profile: ``imagenet`` or ``cifar`` constants.
+        seed: integer seed or a numpy Generator (which draws one integer seed).
+        start: index of the first image in its dataset, so that any split of a dataset gives the same bytes.
+        indices: explicit dataset indices of the images (overrides ``start``).
+
+    Returns:
+        Corrupted images, same type, shape and dtype as ``images``.
+
+    Example:
+        >>> x = np.full((2, 32, 32, 3), 128, np.uint8)
+        >>> y = corrupt(x, "gaussian_noise", 3, profile="cifar", seed=0)
+        >>> y.shape, y.dtype, bool((y != x).any())
+        ((2, 32, 32, 3), dtype('uint8'), True)
+        >>> bool((corrupt(x[1:], "gaussian_noise", 3, profile="cifar", seed=0, start=1) == y[1:]).all())
+        True
+    """
+    _validate(name, severity, profile)
+    x, back, single = _as_uint8_nhwc(images)
+    n = x.shape[0]
+    if indices is None:
+        indices = range(start, start + n)
+    elif len(indices) != n:
+        raise ValueError(f"expected one index per image ({n}), got {len(indices)} indices")
+    entry = _REGISTRY[name]
+    grey = x.shape[-1] == 1
+    if grey and entry.rgb_only:
+        x = np.repeat(x, 3, axis=-1)
+    rngs = image_rngs(seed, name, severity, indices)
+    y = entry.fn(x, severity_param(profile, name, severity), rngs, profile)
+    y = to_uint8(y)
+    if grey and entry.rgb_only:
+        # ITU-R 601 luma, as PIL's convert("L"), to return to one channel.
+        y = to_uint8((y.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None] / 255.0)
+    if single:
+        y = y[0]
+    return back(np.ascontiguousarray(y))
+
+
+def to_uint8(y: np.ndarray) -> np.ndarray:
+    """Clip float images to [0, 1] and truncate to uint8 as ``np.uint8(np.clip(y, 0, 1) * 255)``; uint8 passes."""
+    if y.dtype == np.uint8:
+        return y
+    return (np.clip(y, 0, 1) * 255).astype(np.uint8)
+
+
+# Importing the family modules fills the registry.
+from . import blur, digital, noise  # noqa: E402,F401
+
+assert set(TABLES["imagenet"]) == set(GROUPS["all"]) == set(TABLES["cifar"])
+
+
+def randint(rng, low: int, high: int, size=None):
+    """Integers in [low, high) from a ``numpy.random.Generator`` or a legacy ``RandomState`` (used to replay the
+    original code's call sequence in tests)."""
+    if isinstance(rng, np.random.RandomState):
+        return rng.randint(low, high, size=size)
+    return rng.integers(low, high, size=size)

@@ -1,0 +1,75 @@
+"""Shared test fixtures: tiny random-init BN nets, the ../shared data location, and the marker policy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SHARED = Path(os.environ.get("BNADAPT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
+    skip_shared = pytest.mark.skip(reason=f"needs the read-only data folder ../shared, not found at {SHARED}")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "shared" in item.keywords and not SHARED.is_dir():
+            item.add_marker(skip_shared)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def shared() -> Path:
+    """Path of ../shared (tests using it must carry the `shared` marker)."""
+    return SHARED
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU x2, a BN1d head and dropout: every kind of BN layer the core must handle."""
+
+    def __init__(self, in_ch: int = 3, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(16, 12)
+        self.bn3 = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.drop(x.mean(dim=(2, 3)))
+        return self.fc2(torch.relu(self.bn3(self.fc1(x))))
+
+
+def make_tiny(seed: int = 0, in_ch: int = 3) -> TinyNet:
+    """A TinyNet with random weights and non-trivial source statistics, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    net = TinyNet(in_ch)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net.eval()
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    return make_tiny()
