@@ -1,1 +1,32 @@
-"""bnadapt."""
+"""bnadapt: make pretrained classifiers robust to corrupted inputs by re-estimating their BatchNorm statistics.
+
+Example:
+    >>> import bnadapt, torch
+    >>> model = bnadapt.load_model("cifar10_resnet20", pretrained=False)
+    >>> adapted = bnadapt.adapt(model, torch.rand(32, 3, 32, 32), method="replace", n=32, seed=0)
+"""
+
+from __future__ import annotations
+
+from .adapt import adapt, method_names, register_method
+from .bn import BNStats, bn_layers, estimate_stats, mix_stats
+from .corruptions import corrupt, corruption_names
+from .data import read_images, to_float_nchw
+from .models import load_model, model_names
+
+__all__ = [
+    "BNStats",
+    "adapt",
+    "bn_layers",
+    "corrupt",
+    "corruption_names",
+    "estimate_stats",
+    "load_model",
+    "method_names",
+    "mix_stats",
+    "model_names",
+    "read_images",
+    "register_method",
+    "to_float_nchw",
+]
+__version__ = "0.1.0"

@@ -262,7 +262,8 @@ class _Moments:
         self.count = total
 
 
-def _batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+def iter_batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+    """Split a tensor into balanced batches of at most ``batch_size``, or pass an iterable's batches through."""
     if isinstance(images, torch.Tensor):
         n = images.shape[0]
         k = max(1, -(-n // batch_size))
@@ -332,7 +333,7 @@ def estimate_stats(
         for m in all_layers.values():
             m.train()
         seen = 0
-        for batch in _batches(images, batch_size):
+        for batch in iter_batches(images, batch_size):
             model(batch.to(device, non_blocking=True))
             seen += batch.shape[0]
         if seen == 0:
@@ -345,7 +346,7 @@ def estimate_stats(
         with torch.no_grad():
             for (m, k), b in saved.items():
                 getattr(m, k).copy_(b)
-    out = BNStats(mean={}, var={})
+    out = BNStats(mean={}, var={}, metadata={"images": str(seen)})
     for n in names:
         mo = moments[n]
         assert mo.mean is not None and mo.m2 is not None  # every hooked layer ran once per batch

@@ -1,0 +1,320 @@
+"""Model loading: built-in CIFAR ResNets, ``torchvision:<name>``, ``timm:<name>`` and checkpoints.
+
+Every model returned by :func:`load_model` takes float32 NCHW images in [0, 1]: its input normalisation is folded in as
+a :class:`Normalize` layer in front of the network, so datasets, corruptions and adaptation never guess mean/std.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Normalize", "Classifier", "load_model", "load_checkpoint_into", "model_names", "cifar_resnet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; mean/std are buffers so they move with the model."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """A network with its input normalisation in front: takes [0, 1] images.
+
+    ``net`` is the user's network (its state dict keys are those of the original checkpoint); ``preprocessing``
+    records how images should be prepared (e.g. resize/crop of torchvision weights) so results can state it.
+
+    Example:
+        >>> m = Classifier(nn.Flatten(), mean=(0.5,), std=(0.5,))
+        >>> m(torch.ones(1, 1, 2, 2)).tolist()
+        [[1.0, 1.0, 1.0, 1.0]]
+    """
+
+    def __init__(
+        self, net: nn.Module, mean: Sequence[float], std: Sequence[float], preprocessing: dict | None = None
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+        self.preprocessing = {"mean": list(mean), "std": list(std), **(preprocessing or {})}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+# --- CIFAR ResNets (He et al. 2016, 6n+2 layers, option-A shortcuts), the layout of the akamaster checkpoints ---
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut: subsample by 2 and zero-pad the new channels (He et al.'s option A)."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = _ShortcutA(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"expected a CIFAR ResNet depth of the form 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+_CIFAR_DEPTHS = {"cifar10_resnet20": 20, "cifar10_resnet32": 32, "cifar10_resnet44": 44, "cifar10_resnet56": 56,
+                 "cifar10_resnet110": 110}  # fmt: skip
+_WEIGHTS_ENV = "BNADAPT_WEIGHTS_DIR"
+
+
+def cifar_resnet(depth: int, num_classes: int = 10) -> Classifier:
+    """A randomly initialised CIFAR ResNet-``depth`` with CIFAR normalisation folded in.
+
+    Example:
+        >>> cifar_resnet(20)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    # The akamaster checkpoints were trained with ImageNet mean/std, not CIFAR's own.
+    return Classifier(CifarResNet(depth, num_classes), IMAGENET_MEAN, IMAGENET_STD, {"input_size": [3, 32, 32]})
+
+
+def _weight_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get(_WEIGHTS_ENV):
+        dirs.append(Path(os.environ[_WEIGHTS_ENV]))
+    dirs.append(Path(torch.hub.get_dir()) / "bnadapt")
+    # A checkout with the team's read-only data folder beside it (../shared), from the working directory or the repo.
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        dirs.append(base.parent / "shared" / "data" / "weights" / "akamaster_cifar10_resnet")
+    return dirs
+
+
+def _find_cifar_weights(name: str) -> Path:
+    stem = f"resnet{_CIFAR_DEPTHS[name]}-"
+    dirs = _weight_dirs()
+    for d in dirs:
+        if d.is_dir():
+            hits = sorted(p for p in d.iterdir() if p.name.startswith(stem) and p.suffix in (".th", ".pt", ".pth"))
+            if hits:
+                return hits[0]
+    raise FileNotFoundError(
+        f"no weights file {stem}*.th for {name} in {', '.join(map(str, dict.fromkeys(dirs)))}; put the akamaster "
+        f"checkpoint in the first (or set {_WEIGHTS_ENV} to its folder), or pass --checkpoint PATH"
+    )
+
+
+def model_names() -> list[str]:
+    """Built-in model names; ``torchvision:<name>`` and ``timm:<name>`` are accepted too.
+
+    Example:
+        >>> model_names()[0]
+        'cifar10_resnet20'
+    """
+    return list(_CIFAR_DEPTHS)
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"expected a state dict of tensors in {path} (optionally under 'state_dict' or 'model')")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _torch_load(path: Path, trust: bool) -> object:
+    import pickle
+
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a checkpoint file at {path}, found none")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to unpickle {path}: it holds Python objects, not only tensors, and unpickling runs code; "
+            "pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({reason})") from e
+
+
+def load_checkpoint_into(net: nn.Module, path: str | os.PathLike[str], trust: bool = False) -> nn.Module:
+    """Load a checkpoint's state dict into ``net`` strictly and return ``net``.
+
+    Accepts a plain state dict, or one under ``state_dict``/``model``, optionally ``module.``-prefixed (DataParallel).
+    Missing ``num_batches_tracked`` buffers (old checkpoints) are tolerated; any other mismatch is an error naming the
+    first missing and unexpected keys.
+    """
+    path = Path(path)
+    obj = _torch_load(path, trust)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    state = _unwrap_state_dict(obj, path)
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"expected the checkpoint's keys to fit the architecture, got {len(missing)} missing "
+            f"(first: {missing[:1]}) and {len(unexpected)} unexpected (first: {unexpected[:1]}) in {path.name}; "
+            "is --model the architecture the checkpoint was trained with?"
+        )
+    wrong = [k for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"expected {k} of shape {tuple(own[k].shape)} in {path.name}, got {tuple(state[k].shape)}; "
+            "is --model the architecture the checkpoint was trained with?"
+        )
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    weights: str | None = None,
+    trust_checkpoint: bool = False,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+) -> Classifier:
+    """Build a model by name and load its weights; the result takes [0, 1] images and is in eval mode.
+
+    Args:
+        name: a built-in name (:func:`model_names`), ``torchvision:<name>`` or ``timm:<name>``.
+        checkpoint: a state-dict file to load into the architecture (overrides built-in/pretrained weights).
+        weights: torchvision weights enum name (e.g. ``IMAGENET1K_V1``) or, for timm, any value to load pretrained
+            weights; they must already be in the local cache (nothing is downloaded).
+        trust_checkpoint: allow unpickling Python objects (whole pickled models). Only for files you trust.
+        pretrained: built-in CIFAR models: load their published weights (default) or stay randomly initialised.
+        num_classes: override the number of classes of a built-in or timm model.
+
+    Example:
+        >>> load_model("cifar10_resnet20", pretrained=False).net.linear.out_features
+        10
+    """
+    if name in _CIFAR_DEPTHS:
+        model = cifar_resnet(_CIFAR_DEPTHS[name], num_classes or 10)
+        if checkpoint is None and pretrained:
+            checkpoint = _find_cifar_weights(name)
+    elif name.startswith("torchvision:"):
+        model = _torchvision_model(name.split(":", 1)[1], weights)
+    elif name.startswith("timm:"):
+        model = _timm_model(name.split(":", 1)[1], weights, num_classes)
+    else:
+        raise ValueError(
+            f"expected a model name, one of {', '.join(model_names())}, torchvision:<name> or timm:<name>; got {name!r}"
+        )
+    if checkpoint is not None:
+        load_checkpoint_into(model.net, checkpoint, trust_checkpoint)
+        model.preprocessing["checkpoint"] = str(checkpoint)
+    return model.eval()
+
+
+def _cached_or_fail(url: str, name: str) -> None:
+    fname = Path(url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"weights for {name} are not in the local cache (missing {cached}) and bnadapt never downloads; "
+            f"copy {fname} there, or pass --checkpoint PATH"
+        )
+
+
+def _torchvision_model(arch: str, weights: str | None) -> Classifier:
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(
+            f"expected a torchvision classification model name, got {arch!r}; e.g. resnet50, mobilenet_v3_large"
+        )
+    enum = None
+    if weights is not None:
+        try:
+            enum = torchvision.models.get_model_weights(arch)[weights]
+        except KeyError:
+            known = [w.name for w in torchvision.models.get_model_weights(arch)]
+            raise ValueError(f"expected weights for {arch}, one of {', '.join(known)}; got {weights!r}") from None
+        _cached_or_fail(enum.url, f"torchvision:{arch}")
+    net = torchvision.models.get_model(arch, weights=enum)
+    mean, std, prep = IMAGENET_MEAN, IMAGENET_STD, {"input_size": [3, 224, 224], "resize": 256, "crop": 224}
+    if enum is not None:
+        t = enum.transforms()
+        mean, std = tuple(t.mean), tuple(t.std)
+        prep = {"resize": list(t.resize_size), "crop": list(t.crop_size), "interpolation": str(t.interpolation.value)}
+        prep["weights"] = f"{arch}.{weights}"
+    return Classifier(net, mean, std, prep)
+
+
+def _timm_model(arch: str, weights: str | None, num_classes: int | None) -> Classifier:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm: models need the timm package; install it with pip install 'bnadapt[timm]'") from None
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        net = timm.create_model(arch, pretrained=weights is not None, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"expected a timm model name, got {arch!r} (see timm.list_models())") from None
+        raise
+    except (OSError, ConnectionError) as e:
+        raise FileNotFoundError(
+            f"weights for timm:{arch} are not in the local cache and bnadapt never downloads ({e}); "
+            "pass --checkpoint PATH"
+        ) from None
+    cfg = net.pretrained_cfg
+    prep = {"input_size": list(cfg.get("input_size", (3, 224, 224))), "crop_pct": cfg.get("crop_pct"),
+            "interpolation": cfg.get("interpolation")}  # fmt: skip
+    return Classifier(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), prep)
