@@ -34,6 +34,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected severities like 1-5 or 1,3,5, got {text!r}") from None
+    if not values or any(not 1 <= v <= 5 for v in values):
+        raise argparse.ArgumentTypeError(f"expected severities within 1..5, got {text!r}")
+    return values
+
+
+def _progress_bar(total: int, enabled: bool, unit: str):
+    """A tqdm bar on a terminal (and when not disabled), else a no-op with the same update()/close() calls."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>")
@@ -73,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapt_args(p)
     p.add_argument("--out", required=True, type=Path,
                    help="output: .pt (adapted checkpoint) or .safetensors (BN statistics only)")  # fmt: skip
+
+    p = sub.add_parser("corrupt", help="write a corrupted copy of a dataset in the CIFAR-10-C or ImageNet-C layout")
+    p.add_argument("--input", required=True, type=Path, help=".npz with x (N,H,W,3) uint8 and y, or a class folder")
+    p.add_argument("--profile", required=True, choices=("cifar", "imagenet"), help="severity constants to use")
+    p.add_argument("--format", required=True, choices=("cifar-c", "imagenet-c"), help="output layout")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created if its parent exists)")
+    p.add_argument("--corruptions", nargs="+", metavar="NAME", help="names, or a subset: common, extra, all, noise, "
+                   "blur, weather, digital (default: all 19)")  # fmt: skip
+    p.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--no-resize", action="store_true", help="imagenet-c: skip the resize 256 + centre crop 224")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
+    p.add_argument("--force", action="store_true", help="write into a folder made with other options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="self-contained demo on scikit-learn's digits (no data, no network)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, training and draws (default: 0)")
@@ -130,6 +166,36 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    from .corruptions import GROUPS
+    from .corruptions.export import export_corrupted
+    from .data import read_images
+
+    names: list[str] = []
+    for item in args.corruptions or ["all"]:
+        names.extend(GROUPS.get(item, (item,)))
+    names = list(dict.fromkeys(names))
+    if args.format == "cifar-c" or not args.input.is_dir():
+        n_images = len(read_images(args.input)[0]) if args.input.exists() else 0
+    else:
+        from .data import list_image_files
+
+        n_images = len(list_image_files(args.input))
+    t0 = time.perf_counter()
+    bar = _progress_bar(n_images * len(names) * len(args.severities), not args.no_progress, "img")
+    try:
+        done = export_corrupted(
+            args.input, args.out, args.format, args.profile, names, args.severities, args.seed, args.jobs,
+            resize=not args.no_resize, skip_bad=args.skip_bad, force=args.force, progress=bar.update,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    kind = "files" if args.format == "cifar-c" else "cells"
+    print(f"wrote {len(done)} {kind} ({len(names)} corruptions x {len(args.severities)} severities of {n_images} "
+          f"images) to {args.out} in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -153,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"adapt": cmd_adapt, "demo": cmd_demo}
+COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,5 +239,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnadapt: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("bnadapt: interrupted", file=sys.stderr)
+        print("bnadapt: interrupted; finished outputs are kept, rerun the same command to continue", file=sys.stderr)
         return 130

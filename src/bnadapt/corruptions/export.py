@@ -1,0 +1,273 @@
+"""Writing corrupted datasets in the released CIFAR-10-C and ImageNet-C layouts.
+
+Every output file (CIFAR-C) or cell folder (ImageNet-C) is written under a temporary name and renamed when complete,
+so an interrupted run never leaves something that looks finished, and a rerun skips what is complete. A manifest
+records the options; a rerun with other options into the same folder is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bn import atomic_path
+from ..data import list_image_files, read_images
+from . import GROUPS, corrupt
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportPlan", "export_corrupted", "resize_crop"]
+
+FORMATS = ("cifar-c", "imagenet-c")
+MANIFEST = "bnadapt-corrupt.json"
+_CHUNK = 64  # images per corruption call: bounds memory for large images
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What to write: source, layout, profile, corruptions, severities, seed, and the ImageNet-C resize switch."""
+
+    source: str
+    out: str
+    format: str
+    profile: str
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    seed: int
+    resize: bool = True
+    skip_bad: bool = False
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"expected --format to be one of {', '.join(FORMATS)}, got {self.format!r}")
+        unknown = [c for c in self.corruptions if c not in GROUPS["all"]]
+        if unknown:
+            raise ValueError(f"expected corruption names, one of {', '.join(GROUPS['all'])}; got {unknown[0]!r}")
+        bad = [s for s in self.severities if not 1 <= s <= 5]
+        if bad or not self.severities:
+            raise ValueError(f"expected severities in 1..5, got {list(self.severities)}")
+        if self.seed < 0:
+            raise ValueError(f"expected a non-negative seed, got {self.seed}")
+
+
+def resize_crop(image, resize: int = 256, crop: int = 224):
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear), as ImageNet-C was made.
+
+    Example:
+        >>> from PIL import Image
+        >>> resize_crop(Image.new("RGB", (500, 375))).size
+        (224, 224)
+    """
+    from PIL import Image
+
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    image = image.resize(size, Image.BILINEAR)
+    w, h = image.size
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def _write_manifest(out: Path, plan: ExportPlan, force: bool) -> None:
+    wanted = {k: v for k, v in asdict(plan).items() if k not in ("out", "skip_bad")}
+    wanted["corruptions"], wanted["severities"] = list(plan.corruptions), list(plan.severities)
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            have = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            have = None
+        same = have is not None and all(have.get(k) == v for k, v in wanted.items() if k not in ("corruptions",))
+        if not same and not force:
+            raise ValueError(
+                f"expected {out} to hold output of the same options, got one made with other options ({path}); "
+                "choose another --out or pass --force"
+            )
+        if have and same:
+            # Adding corruptions to a finished folder is fine; the manifest lists all of them.
+            wanted["corruptions"] = list(dict.fromkeys([*have.get("corruptions", []), *wanted["corruptions"]]))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _cifar_cell(args: tuple) -> tuple[str, int, np.ndarray]:
+    x, name, severity, profile, seed = args
+    parts = [corrupt(x[s : s + _CHUNK], name, severity, profile, seed, start=s) for s in range(0, len(x), _CHUNK)]
+    return name, severity, np.concatenate(parts)
+
+
+def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int], None] | None) -> list[Path]:
+    x, y = read_images(plan.source)
+    if y is None:
+        raise ValueError(
+            f"expected labels with the images (an .npz with 'y', or class sub-folders), got none: {plan.source}"
+        )
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected RGB images for the cifar-c layout, got {x.shape[-1]} channel(s)")
+    labels = out / "labels.npy"
+    if not labels.is_file():
+        with atomic_path(labels) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.tile(y, len(plan.severities)))
+    todo = [c for c in plan.corruptions if not (out / f"{c}.npy").is_file()]
+    done = [out / f"{c}.npy" for c in plan.corruptions if c not in todo]
+    if progress and done:
+        progress(len(done) * len(plan.severities) * len(x))
+    tasks = [(x, c, s, plan.profile, plan.seed) for c in todo for s in plan.severities]
+    blocks: dict[str, dict[int, np.ndarray]] = {c: {} for c in todo}
+    for name, severity, y_cell in _run(_cifar_cell, tasks, jobs):
+        blocks[name][severity] = y_cell
+        if progress:
+            progress(len(x))
+        if len(blocks[name]) == len(plan.severities):
+            path = out / f"{name}.npy"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.concatenate([blocks[name][s] for s in plan.severities]))
+            del blocks[name]
+            done.append(path)
+    return done
+
+
+def _imagenet_cell(args: tuple) -> int:
+    items, name, severity, plan, cell = args
+    from PIL import Image
+
+    tmp = cell.parent / f".{cell.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = 0
+    try:
+        for s in range(0, len(items), _CHUNK):
+            # Images are decoded here, a chunk at a time, so memory stays bounded whatever the dataset size.
+            loaded = [(i, cls, stem, _load_for_imagenet(src, plan)) for i, cls, stem, src in items[s : s + _CHUNK]]
+            loaded = [item for item in loaded if item[3] is not None]
+            if not loaded:
+                continue
+            x = np.stack([img for *_, img in loaded])
+            y = corrupt(x, name, severity, plan.profile, plan.seed, indices=[i for i, *_ in loaded])
+            for (_, cls, stem, _), im in zip(loaded, y, strict=True):
+                (tmp / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(im).save(tmp / cls / f"{stem}.JPEG", quality=85, optimize=True)
+                written += 1
+        os.replace(tmp, cell)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _load_for_imagenet(src: Path | np.ndarray, plan: ExportPlan) -> np.ndarray | None:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, np.ndarray):
+        return np.asarray(resize_crop(Image.fromarray(src))) if plan.resize else src
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            return np.asarray(resize_crop(im) if plan.resize else im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        if plan.skip_bad:
+            log.warning("skipping unreadable image %s (%s)", src, e)
+            return None
+        raise ValueError(f"expected a readable image, got {src} ({e}); pass --skip-bad to skip such files") from e
+
+
+def _imagenet_items(plan: ExportPlan) -> list[tuple[int, str, str, Path | np.ndarray]]:
+    """(dataset index, class folder name, file stem, image file or array) for every input image."""
+    src = Path(plan.source)
+    if src.is_dir():
+        root = src.resolve()
+        files = list_image_files(root)
+        if not files:
+            raise ValueError(f"expected image files in class sub-folders of {src}, found none")
+        items: list[tuple[int, str, str, Path | np.ndarray]] = []
+        for i, f in enumerate(files):
+            rel = f.relative_to(root)
+            # Class and file names come from the input's own folder names, never from file contents, and the
+            # walk stays inside the input root, so an output path cannot leave --out.
+            cls = rel.parts[0] if len(rel.parts) > 1 else "unlabeled"
+            items.append((i, cls, f.stem, f))
+        return items
+    x, y = read_images(src)
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected RGB images for the imagenet-c layout, got {x.shape[-1]} channel(s)")
+    width = len(str(len(x) - 1))
+    return [(i, "unlabeled" if y is None else str(int(y[i])), f"{i:0{width}d}", x[i]) for i in range(len(x))]
+
+
+def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int], None] | None) -> list[Path]:
+    items = _imagenet_items(plan)
+    cells = [(c, s, out / c / str(s)) for c in plan.corruptions for s in plan.severities]
+    done = [cell for _, _, cell in cells if cell.is_dir()]
+    if progress and done:
+        progress(len(done) * len(items))
+    tasks = []
+    for c, s, cell in cells:
+        if not cell.is_dir():
+            cell.parent.mkdir(parents=True, exist_ok=True)
+            tasks.append((items, c, s, plan, cell))
+    for (_, _, _, _, cell), _written in zip(tasks, _run(_imagenet_cell, tasks, jobs), strict=True):
+        done.append(cell)
+        if progress:
+            progress(len(items))
+    return done
+
+
+def _run(fn, tasks: list, jobs: int):
+    """Map ``fn`` over tasks in order, in ``jobs`` worker processes (or inline for one job)."""
+    if jobs <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(fn, tasks)
+
+
+def export_corrupted(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    format: str = "cifar-c",
+    profile: str = "cifar",
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    seed: int = 0,
+    jobs: int = 1,
+    resize: bool = True,
+    skip_bad: bool = False,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Corrupt a dataset and write it in the CIFAR-10-C or ImageNet-C layout; returns the finished outputs.
+
+    ``cifar-c``: ``out/<corruption>.npy`` (len(severities) * N, H, W, 3) uint8, severities stacked in blocks of N, and
+    ``out/labels.npy``. ``imagenet-c``: ``out/<corruption>/<severity>/<class>/<name>.JPEG`` at quality 85, after
+    resize 256 + centre crop 224 unless ``resize=False``. Finished outputs are skipped on a rerun.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> np.savez(d / "in.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([0, 1]))
+        >>> [p.name for p in export_corrupted(d / "in.npz", d / "out", corruptions=["contrast"], severities=[1])]
+        ['contrast.npy']
+    """
+    names = tuple(corruptions) if corruptions is not None else tuple(GROUPS["all"])
+    plan = ExportPlan(str(source), str(out), format, profile, names, tuple(int(s) for s in severities), int(seed),
+                      resize, skip_bad)  # fmt: skip
+    plan.validate()
+    if profile not in ("cifar", "imagenet"):
+        raise ValueError(f"expected profile to be one of cifar, imagenet, got {profile!r}")
+    if not Path(source).exists():
+        raise FileNotFoundError(f"expected an .npz or an image folder at {source}, found nothing there")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create {out.parent} first")
+    out.mkdir(exist_ok=True)
+    _write_manifest(out, plan, force)
+    export = _export_cifar if format == "cifar-c" else _export_imagenet
+    return export(plan, out, max(1, int(jobs)), progress)
