@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .params import PROFILES, TABLES, severity_param
+from .params import PROFILES, severity_param
 
 __all__ = ["corrupt", "corruption_names", "COMMON", "EXTRA", "GROUPS"]
 
@@ -189,15 +189,19 @@ def to_uint8(y: np.ndarray) -> np.ndarray:
     return (np.clip(y, 0, 1) * 255).astype(np.uint8)
 
 
-# Importing the family modules fills the registry.
-from . import blur, digital, noise  # noqa: E402,F401
-
-assert set(TABLES["imagenet"]) == set(GROUPS["all"]) == set(TABLES["cifar"])
-
-
 def randint(rng, low: int, high: int, size=None):
     """Integers in [low, high) from a ``numpy.random.Generator`` or a legacy ``RandomState`` (used to replay the
     original code's call sequence in tests)."""
     if isinstance(rng, np.random.RandomState):
         return rng.randint(low, high, size=size)
     return rng.integers(low, high, size=size)
+
+
+# Importing the family modules fills the registry.
+from . import (  # noqa: E402,F401
+    blur,
+    digital,
+    noise,
+    snow,
+    weather,
+)

@@ -1,0 +1,38 @@
+"""Snow: a zoomed, thresholded, motion-blurred noise layer over a brightened image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import register, to_uint8
+from ._motion import motion_blur_batch
+from .blur import chunks, clipped_zoom_batch
+
+
+@register("snow")
+def snow(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.ndarray:
+    loc, scale, z, thr, radius, sigma, b = param
+    n, h, w, c = x.shape
+    out = np.empty(x.shape, np.uint8)
+    for sl in chunks(n, h * w):
+        m = sl.stop - sl.start
+        # The original draws the layer, then the blur angle, per image: the same order lets its stream be replayed.
+        layers = np.empty((m, h, w), np.float64)
+        angles = np.empty(m, np.float64)
+        for i, rng in enumerate(rngs[sl]):
+            layers[i] = rng.normal(loc, scale, (h, w))
+            angles[i] = rng.uniform(-135, -45)
+        layers = clipped_zoom_batch(layers, z)
+        layers[layers < thr] = 0
+        # The layer travels as an 8-bit greyscale PNG (truncated) through ImageMagick and back.
+        layer8 = (np.clip(layers, 0, 1) * 255).astype(np.uint8)
+        flakes = motion_blur_batch(layer8[..., None], radius, sigma, angles) / 255.0
+
+        im = x[sl].astype(np.float32) / np.float32(255)
+        if c == 3:  # cv2.cvtColor(RGB2GRAY) in float32
+            grey = im[..., :1] * np.float32(0.299) + im[..., 1:2] * np.float32(0.587) + im[..., 2:] * np.float32(0.114)
+        else:
+            grey = im
+        im = b * im + (1 - b) * np.maximum(im, grey * np.float32(1.5) + np.float32(0.5))
+        out[sl] = to_uint8(im + flakes + flakes[:, ::-1, ::-1])
+    return out
