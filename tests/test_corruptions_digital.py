@@ -37,11 +37,8 @@ def _reference(shared: Path, profile: str, key: str) -> np.ndarray:
 
 
 def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    fn = _REGISTRY[name].fn
-    param = TABLES[profile][name][severity - 1]
-    return np.stack(
-        [to_uint8(fn(clean[i : i + 1], param, [np.random.RandomState(i)], profile))[0] for i in range(len(clean))]
-    )
+    """The original's call sequence: np.random.seed(i) before fixture image i."""
+    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 @pytest.mark.shared

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnadapt.corruptions import _REGISTRY, corrupt, corruption_names, to_uint8
-from bnadapt.corruptions.params import TABLES
+from bnadapt.corruptions import corrupt, corruption_names
 
 REF = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
 
@@ -22,11 +21,8 @@ def _reference(shared, profile):
 
 
 def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    fn = _REGISTRY[name].fn
-    param = TABLES[profile][name][severity - 1]
-    return np.stack(
-        [to_uint8(fn(clean[i : i + 1], param, [np.random.RandomState(i)], profile))[0] for i in range(len(clean))]
-    )
+    """The original's call sequence: np.random.seed(i) before fixture image i."""
+    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 @pytest.mark.shared

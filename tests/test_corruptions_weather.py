@@ -13,8 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bnadapt.corruptions import _REGISTRY, corrupt, to_uint8
-from bnadapt.corruptions.params import TABLES
+from bnadapt.corruptions import corrupt, to_uint8
 from bnadapt.corruptions.weather import FROST_FILES, fog_map_size, plasma_fractal, spatter
 
 REF = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
@@ -26,11 +25,8 @@ def _reference(shared, profile):
 
 
 def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    fn = _REGISTRY[name].fn
-    param = TABLES[profile][name][severity - 1]
-    return np.stack(
-        [to_uint8(fn(clean[i : i + 1], param, [np.random.RandomState(i)], profile))[0] for i in range(len(clean))]
-    )
+    """The original's call sequence: np.random.seed(i) before fixture image i."""
+    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 @pytest.mark.shared

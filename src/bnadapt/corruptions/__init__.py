@@ -111,8 +111,11 @@ def _as_uint8_nhwc(images) -> tuple[np.ndarray, Callable[[np.ndarray], object], 
     return np.ascontiguousarray(x), back, single
 
 
-def image_rngs(seed: int | np.random.Generator | None, name: str, severity: int, indices: Sequence[int]) -> list:
+def image_rngs(seed: int | str | np.random.Generator | None, name: str, severity: int, indices: Sequence[int]) -> list:
     """One independent ``numpy.random.Generator`` per image, keyed by (seed, corruption, severity, image index)."""
+    if isinstance(seed, str) and seed == "legacy":
+        # The original scripts call np.random.seed(i) before image i: a legacy RandomState per image replays that.
+        return [np.random.RandomState(int(i)) for i in indices]
     if isinstance(seed, np.random.Generator):
         base = int(seed.integers(0, 2**63 - 1))
     elif seed is None:
@@ -120,7 +123,7 @@ def image_rngs(seed: int | np.random.Generator | None, name: str, severity: int,
     elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
         base = int(seed)
     else:
-        raise ValueError(f"expected seed to be a non-negative integer or a numpy Generator, got {seed!r}")
+        raise ValueError(f"expected seed to be a non-negative integer, a numpy Generator or 'legacy', got {seed!r}")
     key = zlib.crc32(name.encode())
     return [np.random.default_rng([base, key, severity, int(i)]) for i in indices]
 
@@ -130,7 +133,7 @@ def corrupt(
     name: str,
     severity: int,
     profile: str = "imagenet",
-    seed: int | np.random.Generator | None = 0,
+    seed: int | str | np.random.Generator | None = 0,
     start: int = 0,
     indices: Sequence[int] | None = None,
 ):
@@ -145,7 +148,9 @@ def corrupt(
         name: a corruption name (see :func:`corruption_names`).
         severity: 1..5.
         profile: ``imagenet`` or ``cifar`` constants.
-        seed: integer seed or a numpy Generator (which draws one integer seed).
+        seed: integer seed, a numpy Generator (which draws one integer seed), or ``"legacy"``: image ``i`` gets
+            ``np.random.RandomState(i)``, which replays the original scripts' ``np.random.seed(i)`` call sequence
+            (bytes then match the original code run with the same library versions).
         start: index of the first image in its dataset, so that any split of a dataset gives the same bytes.
         indices: explicit dataset indices of the images (overrides ``start``).
 
