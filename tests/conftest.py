@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def shared() -> Path:
     """Path of ../shared (tests using it must carry the `shared` marker)."""
     return SHARED
+
+
+_REF_FILES = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
+
+
+@functools.cache
+def _reference_array(profile: str, key: str) -> np.ndarray:
+    # np.load decompresses a key on every access: each array is read once per test session.
+    with np.load(SHARED / "reference" / "corruptions" / _REF_FILES[profile]) as ref:
+        return ref[key]
+
+
+class reference_set:  # noqa: N801 - used like a function returning a mapping
+    """The original code's outputs for one profile: ``reference_set("cifar")["fog"][severity - 1]``, ``["clean"]``."""
+
+    def __init__(self, profile: str) -> None:
+        self.profile = profile
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _reference_array(self.profile, key)
+
+
+def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
+    """Our engine with the original's call sequence: np.random.seed(i) before fixture image i."""
+    from bnadapt.corruptions import corrupt
+
+    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 class TinyNet(nn.Module):

@@ -9,9 +9,7 @@ deterministic, so the engine's own seed must not matter. The building blocks tha
 
 from __future__ import annotations
 
-from functools import cache
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,25 +18,9 @@ from PIL import Image
 from bnadapt.corruptions import _REGISTRY, corrupt, to_uint8
 from bnadapt.corruptions.digital import _hsv_roundtrip, _map_coordinates_reflect, _smooth
 from bnadapt.corruptions.params import TABLES
+from conftest import reference_set, replay
 
-REF = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
 NAMES = ["brightness", "saturate", "elastic_transform", "pixelate", "jpeg_compression"]
-
-
-@cache
-def _load(path: Path, key: str) -> np.ndarray:
-    # NpzFile decompresses on every access: keep each array once per session.
-    with np.load(path) as ref:
-        return ref[key]
-
-
-def _reference(shared: Path, profile: str, key: str) -> np.ndarray:
-    return _load(shared / "reference" / "corruptions" / REF[profile], key)
-
-
-def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    """The original's call sequence: np.random.seed(i) before fixture image i."""
-    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 @pytest.mark.shared
@@ -48,10 +30,10 @@ def test_replays_original(shared, profile, name):
     """Measured on the fixtures: every cell of all five corruptions, both profiles, is byte-identical (fraction of
     exact bytes 1.0, max |diff| 0). The issue's target is asserted for all (>= 99% within +-1); exactness is asserted
     too for the parts that are pure numpy / cv2.remap arithmetic and do not depend on a JPEG library build."""
-    clean = _reference(shared, profile, "clean")
+    clean = reference_set(profile)["clean"]
     for s in range(1, 6):
         ours = replay(name, profile, s, clean)
-        diff = np.abs(ours.astype(int) - _reference(shared, profile, name)[s - 1].astype(int))
+        diff = np.abs(ours.astype(int) - reference_set(profile)[name][s - 1].astype(int))
         assert (diff <= 1).mean() >= 0.99, (name, profile, s, (diff <= 1).mean())
         if name in ("brightness", "saturate", "elastic_transform"):
             assert (diff == 0).mean() >= 0.999, (name, profile, s, (diff == 0).mean())
@@ -61,11 +43,11 @@ def test_replays_original(shared, profile, name):
 @pytest.mark.parametrize("profile", ["cifar", "imagenet"])
 @pytest.mark.parametrize("name", ["brightness", "saturate", "pixelate", "jpeg_compression"])
 def test_deterministic_through_engine(shared, profile, name):
-    clean = _reference(shared, profile, "clean")
+    clean = reference_set(profile)["clean"]
     for s in (1, 5):
         ours = corrupt(clean, name, s, profile=profile, seed=123)
         assert np.array_equal(ours, corrupt(clean, name, s, profile=profile, seed=9))
-        diff = np.abs(ours.astype(int) - _reference(shared, profile, name)[s - 1].astype(int))
+        diff = np.abs(ours.astype(int) - reference_set(profile)[name][s - 1].astype(int))
         assert (diff <= 1).mean() >= 0.99, (name, profile, s)
 
 

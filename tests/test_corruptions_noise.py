@@ -12,24 +12,14 @@ import numpy as np
 import pytest
 
 from bnadapt.corruptions import corrupt, corruption_names
-
-REF = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
-
-
-def _reference(shared, profile):
-    return np.load(shared / "reference" / "corruptions" / REF[profile])
-
-
-def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    """The original's call sequence: np.random.seed(i) before fixture image i."""
-    return corrupt(clean, name, severity, profile=profile, seed="legacy")
+from conftest import reference_set, replay
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("profile", ["cifar", "imagenet"])
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"])
 def test_noise_replays_original_exactly(shared, profile, name):
-    ref = _reference(shared, profile)
+    ref = reference_set(profile)
     for s in range(1, 6):
         ours = replay(name, profile, s, ref["clean"])
         diff = np.abs(ours.astype(int) - ref[name][s - 1].astype(int))
@@ -40,7 +30,7 @@ def test_noise_replays_original_exactly(shared, profile, name):
 @pytest.mark.parametrize("profile", ["cifar", "imagenet"])
 @pytest.mark.parametrize("name", ["gaussian_blur", "contrast"])
 def test_deterministic_match_reference(shared, profile, name):
-    ref = _reference(shared, profile)
+    ref = reference_set(profile)
     for s in range(1, 6):
         ours = corrupt(ref["clean"], name, s, profile=profile, seed=123)
         diff = np.abs(ours.astype(int) - ref[name][s - 1].astype(int))

@@ -15,25 +15,16 @@ import pytest
 
 from bnadapt.corruptions import corrupt, to_uint8
 from bnadapt.corruptions.weather import FROST_FILES, fog_map_size, plasma_fractal, spatter
+from conftest import reference_set, replay
 
-REF = {"cifar": "cifar_ref16.npz", "imagenet": "imagenet_ref4.npz"}
 NAMES = ["frost", "fog", "spatter"]
-
-
-def _reference(shared, profile):
-    return np.load(shared / "reference" / "corruptions" / REF[profile])
-
-
-def replay(name: str, profile: str, severity: int, clean: np.ndarray) -> np.ndarray:
-    """The original's call sequence: np.random.seed(i) before fixture image i."""
-    return corrupt(clean, name, severity, profile=profile, seed="legacy")
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("profile", ["cifar", "imagenet"])
 @pytest.mark.parametrize("name", NAMES)
 def test_replays_original(shared, profile, name):
-    ref = _reference(shared, profile)
+    ref = reference_set(profile)
     for s in range(1, 6):
         ours = replay(name, profile, s, ref["clean"])
         diff = np.abs(ours.astype(int) - ref[name][s - 1].astype(int))

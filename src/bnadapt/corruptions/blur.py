@@ -34,7 +34,10 @@ def chunks(n: int, pixels_per_image: int, budget: int = _CHUNK_PIXELS) -> Iterat
 @register("gaussian_blur")
 def gaussian_blur(x: np.ndarray, sigma: float, rngs: list, profile: str) -> np.ndarray:
     # skimage.filters.gaussian(channel_axis=-1): per channel, mode "nearest", truncate 4.
-    return gaussian_filter(x / 255.0, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=4.0)
+    out = np.empty(x.shape, np.uint8)
+    for i in range(len(x)):  # image by image: float64 temporaries stay in cache
+        out[i] = to_uint8(gaussian_filter(x[i] / 255.0, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- defocus blur

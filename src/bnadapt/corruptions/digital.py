@@ -20,9 +20,12 @@ _CHUNK_PIXELS = 1 << 15
 
 @register("contrast")
 def contrast(x: np.ndarray, c: float, rngs: list, profile: str) -> np.ndarray:
-    im = x / 255.0
-    means = im.mean(axis=(1, 2), keepdims=True)
-    return (im - means) * c + means
+    out = np.empty(x.shape, np.uint8)
+    for i in range(len(x)):  # one image at a time keeps the float64 temporaries in cache
+        im = x[i] / 255.0
+        means = im.mean(axis=(0, 1))
+        out[i] = to_uint8((im - means) * c + means)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

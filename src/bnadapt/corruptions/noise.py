@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register
+from . import register, to_uint8
 
 
 def _each(x: np.ndarray, rngs: list, draw) -> np.ndarray:
-    out = np.empty(x.shape, np.float64)
+    # Image by image: each image owns its random stream, and float64 temporaries stay one image large.
+    out = np.empty(x.shape, np.uint8)
     for i, rng in enumerate(rngs):
-        out[i] = draw(x[i] / 255.0, rng)
+        out[i] = to_uint8(draw(x[i] / 255.0, rng))
     return out
 
 
