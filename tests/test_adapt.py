@@ -154,3 +154,25 @@ def test_n_one_works_without_flat_bn_layers():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     out = adapt(net, torch.rand(5, 3, 8, 8), n=1, seed=0)
     assert not torch.equal(out[1].running_mean, net[1].running_mean)
+
+
+def test_every_batchnorm_kind_is_adapted():
+    """BatchNorm1d/2d/3d and SyncBatchNorm (which falls back to plain BN without a process group)."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn3d = nn.BatchNorm3d(3)
+            self.sync = nn.SyncBatchNorm(3)
+            self.bn1d = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.bn3d(x.unsqueeze(2)).squeeze(2)
+            return self.bn1d(self.sync(x).mean(dim=(2, 3)))
+
+    net = Mixed().eval()
+    x = _images(6)
+    out = adapt(net, x, n=None)
+    torch.testing.assert_close(out.bn3d.running_mean, x.mean(dim=(0, 2, 3)))
+    for name in ("bn3d", "sync", "bn1d"):
+        assert not torch.equal(out.get_submodule(name).running_var, torch.ones(3)), name

@@ -280,7 +280,8 @@ def check_batch_for_layers(model: nn.Module, n: int, layers: Iterable[str]) -> N
     """Raise a clear error when a train-mode batch of ``n`` images would give some layer one value per channel."""
     if n >= 2:
         return
-    flat = [name for name, m in bn_layers(model) if name in set(layers) and isinstance(m, nn.BatchNorm1d)]
+    wanted = set(layers)
+    flat = [name for name, m in bn_layers(model) if name in wanted and isinstance(m, nn.BatchNorm1d)]
     if flat:
         raise ValueError(
             f"expected n >= 2 images: BN layer {flat[0]!r} would see a single value per channel from n={n}; "
