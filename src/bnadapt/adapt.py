@@ -28,7 +28,15 @@ from .data import to_float_nchw
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adapt", "is_online", "method_names", "AdaptConfig", "register_method", "sample_indices"]
+__all__ = [
+    "adapt",
+    "is_online",
+    "method_names",
+    "method_uses_images",
+    "AdaptConfig",
+    "register_method",
+    "sample_indices",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,18 @@ def is_online(name: str) -> bool:
     if name not in _METHODS:
         raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
     return _METHODS[name].online
+
+
+def method_uses_images(name: str) -> bool:
+    """Whether method ``name`` looks at target images (``source`` and ``test-batch`` do not).
+
+    Example:
+        >>> method_uses_images("replace"), method_uses_images("source")
+        (True, False)
+    """
+    if name not in _METHODS:
+        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
+    return _METHODS[name].images != "unused"
 
 
 def sample_indices(total: int, n: int, seed: int | None) -> np.ndarray:

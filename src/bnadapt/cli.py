@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +47,104 @@ def _severities(text: str) -> tuple[int, ...]:
     if not values or any(not 1 <= v <= 5 for v in values):
         raise argparse.ArgumentTypeError(f"expected severities within 1..5, got {text!r}")
     return values
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` or a range ``"0-4"`` -> a tuple of non-negative integers."""
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4 or a range like 0-4, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers like 1,2,4 or 0-4, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+SWEEP_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
+    from .adapt import method_names
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="one or more of cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>",
+    )
+    g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (one model only)")
+    g.add_argument("--weights", help="torchvision weights enum (e.g. IMAGENET1K_V1), from the local cache only")
+    g.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling Python objects (trusted files)")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="cifar-c:DIR, imagenet-c:DIR, folder:DIR, npz:FILE or "
+        "generate:<cifar|imagenet>:<npz|DIR> (clean images corrupted on the fly)",
+    )
+    g.add_argument("--clean", type=Path, help="clean .npz or class folder to evaluate too (cifar-c/imagenet-c data)")
+    g.add_argument(
+        "--corruptions",
+        nargs="+",
+        metavar="NAME",
+        help="names, or common, extra, all, noise, blur, weather, digital (default: all 19)",
+    )
+    g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
+    g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
+    g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--methods",
+        type=_name_list,
+        default=("source", "replace"),
+        metavar="M1,M2",
+        help=f"comma list of {', '.join(method_names())} (default: source,replace)",
+    )
+    g.add_argument(
+        "--n",
+        type=_int_list,
+        default=SWEEP_NS if sweep else (32,),
+        metavar="N1,N2",
+        help="adaptation images per cell, a comma list for a sweep (default: "
+        f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
+    )
+    g.add_argument(
+        "--seeds",
+        "--seed",
+        dest="seeds",
+        type=_int_list,
+        default=(0,),
+        metavar="S1,S2",
+        help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)",
+    )
+    g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
+    g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
+    g.add_argument(
+        "--adapt-on", metavar="CELL", help="adapt on this one cell (e.g. fog:3, or clean) and evaluate on every cell"
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
+    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) for evaluation")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, type=Path, help="results folder (results.jsonl, summary.json, report.md)")
+    g.add_argument("--resume", action="store_true", help="skip the cells already in --out")
+    g.add_argument("--force", action="store_true", help="write into a folder holding results of another command")
+    g.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE (default: AlexNet on ImageNet-C)")
+    g.add_argument("--no-plots", action="store_true", help="tables only")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
 
 def _progress_bar(total: int, enabled: bool, unit: str):
@@ -112,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="self-contained demo on scikit-learn's digits (no data, no network)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, training and draws (default: 0)")
+
+    for name, text in (
+        ("bench", "benchmark models on corrupted data: source vs adapted accuracy per cell"),
+        ("sweep", "bench with a list of sample sizes (default --n 1,2,4,...,256)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_bench_args(p, sweep=name == "sweep")
+
+    p = sub.add_parser("report", help="regenerate summary.json, report.md/csv and plots from a results folder")
+    p.add_argument("dir", type=Path, help="a folder written by bnadapt bench")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default: md)")
+    p.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE")
+    p.add_argument("--no-plots", action="store_true", help="tables only")  # fmt: skip
     return parser
 
 
@@ -219,7 +331,112 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo}
+def _print_summary(summary: list[dict]) -> None:
+    many = len({s["model"] for s in summary}) > 1
+    header = (
+        f"{'model  ' if many else ''}{'method':<12}{'n':>5}{'seeds':>7}{'mean acc %':>14}{'clean %':>9}{'mCE %':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in summary:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        mean = pct(s["mean_acc"]) + (f"±{100 * s['mean_acc_std']:.1f}" if s["mean_acc_std"] else "")
+        seeds = len([t for t in s["seeds"] if t is not None]) or "-"
+        print(
+            f"{s['model'] + '  ' if many else ''}{s['method']:<12}{s['n'] or '-':>5}{seeds:>7}{mean:>14}"
+            f"{pct(s['clean_acc']):>9}{pct(s['mce']):>8}"
+        )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchConfig, run_benchmark
+    from .corruptions import GROUPS
+    from .data import open_data
+    from .metrics import load_baseline
+    from .models import load_model
+    from .report import build_summary, write_report
+
+    names: list[str] = []
+    for item in args.corruptions or ["all"]:
+        names.extend(GROUPS.get(item, (item,)))
+    if args.checkpoint is not None and len(args.model) > 1:
+        raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    data = open_data(
+        args.data, list(dict.fromkeys(names)), args.severities, args.allow_partial, args.corrupt_seed, clean=args.clean
+    )
+    models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+    device = args.device
+    workers = args.workers if args.workers is not None else (0 if device == "cpu" else min(4, os.cpu_count() or 1))
+    extra = {"clean": str(args.clean) if args.clean else None}
+    config = BenchConfig(
+        tuple(args.methods),
+        tuple(args.n),
+        tuple(args.seeds),
+        args.batch_size,
+        workers,
+        device,
+        args.amp,
+        args.channels_last,
+        args.prior,
+        args.part,
+        args.adapt_on,
+        extra,
+    )
+    bar = _progress_bar(0, not args.no_progress, "cell")
+
+    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        shown = " ".join(f"{k} {100 * v:.1f}%" for k, v in list(accs.items())[:4])
+        bar.set_postfix_str(f"{label}: {shown}", refresh=False)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        run_benchmark(
+            models,
+            data,
+            config,
+            out=args.out,
+            command=["bnadapt", *args.argv],
+            resume=args.resume,
+            force=args.force,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"bnadapt: interrupted; finished cells are in {args.out / 'results.jsonl'}: rerun with --resume to "
+            "continue",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        bar.close()
+    write_report(args.out, "md", baseline, plots=not args.no_plots)
+    summary, rows = build_summary(args.out, baseline)
+    _print_summary(summary)
+    print(
+        f"\n{len(rows)} results in {args.out} (results.jsonl, summary.json, report.md) in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .metrics import load_baseline
+    from .report import write_report
+
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    written = write_report(args.dir, args.format, baseline, plots=not args.no_plots)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo, "bench": cmd_bench, "sweep": cmd_bench,
+            "report": cmd_report}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bnadapt: %(message)s")
     try:
         return COMMANDS[args.command](args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,23 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "as_uint8_nhwc", "to_float_nchw", "read_images", "list_image_files"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "as_uint8_nhwc",
+    "to_float_nchw",
+    "read_images",
+    "list_image_files",
+    "ArrayImages",
+    "BenchData",
+    "CorruptedImages",
+    "DataSpec",
+    "FileImages",
+    "ImageSet",
+    "iter_batches_of",
+    "open_clean",
+    "open_data",
+    "parse_data_spec",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -167,3 +184,327 @@ def _read_folder(root: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray 
             )
     y = np.array([classes.index(r.parts[0]) for r in rels], np.int64) if by_class else None
     return np.stack(images), y
+
+
+# --- Benchmark data: cells of (corruption, severity), readers for the released layouts, on-the-fly corruption ---
+
+CLEAN = "clean"  # the corruption name of the clean cell; its severity is 0
+DATA_KINDS = ("cifar-c", "imagenet-c", "folder", "npz", "generate")
+Cell = tuple[str, int]
+
+
+class ImageSet:
+    """One benchmark cell: uint8 (H, W, C) images with int64 ``labels``, read by index on demand.
+
+    Subclasses implement :meth:`get`; a dataset's images are never all loaded at once unless it is that small.
+    """
+
+    labels: np.ndarray
+    name: str = "images"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """The images at ``indices`` (sorted dataset positions) as one uint8 (k, H, W, C) array."""
+        raise NotImplementedError
+
+
+class ArrayImages(ImageSet):
+    """Images held in an array, or a memory-mapped block of one (only the rows asked for are read).
+
+    Example:
+        >>> s = ArrayImages(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+        >>> s.get(np.array([1, 2])).shape
+        (2, 32, 32, 3)
+    """
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, name: str = "images") -> None:
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"expected uint8 (N, H, W, C) images in {name}, got {x.dtype} {x.shape}")
+        if len(labels) != len(x):
+            raise ValueError(f"expected {len(x)} labels for the {len(x)} images of {name}, got {len(labels)}")
+        self.x, self.labels, self.name = x, np.asarray(labels, np.int64), name
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, np.int64)
+        if len(indices) and indices[-1] - indices[0] + 1 == len(indices):  # a run: one slice read from the map
+            return np.array(self.x[indices[0] : indices[-1] + 1])
+        return np.array(self.x[indices])
+
+
+class FileImages(ImageSet):
+    """Images in files, decoded when asked for; every image of a cell must have the same size."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, name: str = "images") -> None:
+        self.files, self.labels, self.name = list(files), np.asarray(labels, np.int64), name
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        images = [_decode(self.files[int(i)]) for i in indices]
+        for i, im in zip(indices, images, strict=True):
+            if im.shape != images[0].shape:
+                raise ValueError(
+                    f"expected all images of {self.name} to be {images[0].shape[1]}x{images[0].shape[0]}, got "
+                    f"{im.shape[1]}x{im.shape[0]} in {self.files[int(i)]}; resize them to one size first"
+                )
+        return np.stack(images)
+
+
+class CorruptedImages(ImageSet):
+    """A clean set corrupted on the fly by :func:`bnadapt.corrupt`; each image is keyed by its own index, so any
+    batching (and any worker) gives the same bytes."""
+
+    def __init__(self, base: ImageSet, corruption: str, severity: int, profile: str, seed: int) -> None:
+        self.base, self.corruption, self.severity, self.profile, self.seed = base, corruption, severity, profile, seed
+        self.labels, self.name = base.labels, f"{corruption}:{severity}"
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        from .corruptions import corrupt
+
+        indices = np.asarray(indices, np.int64)
+        x = self.base.get(indices)
+        return corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist())
+
+
+def _class_labels(names: list[str]) -> dict[str, int]:
+    """Class folder name -> label: the integer itself when every name is one (folders written from labels), else
+    the position in sorted order (ImageNet wnids)."""
+    if names and all(n.isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def _class_folder(root: Path) -> FileImages:
+    files = list_image_files(root)
+    if not files:
+        raise ValueError(f"expected image files in class sub-folders of {root}, found none")
+    rels = [f.relative_to(root.resolve()) for f in files]
+    if not all(len(r.parts) == 2 for r in rels):
+        raise ValueError(f"expected images inside class sub-folders (<class>/<file>) of {root}, got {rels[0]}")
+    label = _class_labels(sorted({r.parts[0] for r in rels}))
+    return FileImages(files, np.array([label[r.parts[0]] for r in rels], np.int64), name=str(root))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: ``kind`` (one of :data:`DATA_KINDS`), ``path``, and the ``generate`` profile."""
+
+    kind: str
+    path: Path
+    profile: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.profile}:{self.path}" if self.profile else f"{self.kind}:{self.path}"
+
+
+def parse_data_spec(spec: str) -> DataSpec:
+    """Parse ``cifar-c:DIR``, ``imagenet-c:DIR``, ``folder:DIR``, ``npz:FILE`` or ``generate:<profile>:<npz|DIR>``.
+
+    Example:
+        >>> parse_data_spec("generate:cifar:test.npz")
+        DataSpec(kind='generate', path=PosixPath('test.npz'), profile='cifar')
+    """
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in DATA_KINDS or not rest:
+        raise ValueError(
+            f"expected --data as cifar-c:DIR, imagenet-c:DIR, folder:DIR, npz:FILE or generate:<profile>:<npz|DIR>, "
+            f"got {spec!r}"
+        )
+    if kind != "generate":
+        return DataSpec(kind, Path(rest))
+    profile, sep, path = rest.partition(":")
+    if not sep or profile not in ("cifar", "imagenet") or not path:
+        raise ValueError(f"expected generate:<cifar|imagenet>:<npz file or folder>, got {spec!r}")
+    return DataSpec(kind, Path(path), profile)
+
+
+def open_clean(path: str | os.PathLike[str]) -> ImageSet:
+    """A labelled clean set from an .npz (``x``, ``y``) or a class folder (``<class>/<image>``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"expected an .npz or a class folder at {path}, found nothing there")
+    if path.is_dir():
+        return _class_folder(path)
+    x, y = read_images(path)
+    if y is None:
+        raise ValueError(f"expected labels 'y' in {path.name} to measure accuracy, got images only")
+    return ArrayImages(x, y, name=path.name)
+
+
+class BenchData:
+    """The cells a benchmark runs: ``cells`` in canonical order (the clean cell first when there is one),
+    ``missing`` names the requested cells the data does not have, and :meth:`cell` opens one.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "c.npz"
+        >>> np.savez(f, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))
+        >>> open_data(f"generate:cifar:{f}", ["contrast"], [1, 5]).cells
+        [('clean', 0), ('contrast', 1), ('contrast', 5)]
+    """
+
+    def __init__(self, spec: DataSpec, cells: list[Cell], missing: list[str], opener, seed: int = 0) -> None:
+        self.spec, self.cells, self.missing, self._open, self.seed = spec, cells, missing, opener, seed
+        self._cache: dict[Cell, ImageSet] = {}
+
+    def cell(self, corruption: str, severity: int) -> ImageSet:
+        key = (corruption, int(severity))
+        if key not in self._cache:
+            self._cache[key] = self._open(*key)
+        return self._cache[key]
+
+
+def open_data(
+    spec: str | DataSpec,
+    corruptions: list[str] | None = None,
+    severities: list[int] | tuple[int, ...] = (1, 2, 3, 4, 5),
+    allow_partial: bool = False,
+    seed: int = 0,
+    clean: str | os.PathLike[str] | None = None,
+) -> BenchData:
+    """Open a ``--data`` source for a benchmark over ``corruptions`` (default all 19) x ``severities``.
+
+    ``folder:``/``npz:`` data is one clean cell; ``generate`` adds the clean cell of its input. Cells the data lacks
+    raise a ValueError naming them, unless ``allow_partial`` (then they are listed in ``missing`` and skipped).
+    ``seed`` is the corruption seed of ``generate``; ``clean``: an .npz or class folder to add as the clean cell
+    (for ``cifar-c``/``imagenet-c`` data, which holds no clean images).
+    """
+    from .corruptions import GROUPS
+
+    spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    names = list(corruptions) if corruptions is not None else list(GROUPS["all"])
+    unknown = [c for c in names if c not in GROUPS["all"]]
+    if unknown:
+        raise ValueError(f"expected corruption names, one of {', '.join(GROUPS['all'])}; got {unknown[0]!r}")
+    sev = [int(s) for s in severities]
+    if not spec.path.exists():
+        raise FileNotFoundError(f"expected {spec.kind} data at {spec.path}, found nothing there")
+    if spec.kind in ("folder", "npz"):
+        base = open_clean(spec.path)
+        return BenchData(spec, [(CLEAN, 0)], [], lambda c, s: base)
+    if spec.kind == "generate":
+        base = open_clean(spec.path)
+        cells = [(c, s) for c in names for s in sev]
+
+        def opener(c: str, s: int) -> ImageSet:
+            return base if c == CLEAN else CorruptedImages(base, c, s, spec.profile or "cifar", seed)
+
+        data = BenchData(spec, [(CLEAN, 0), *cells], [], opener, seed)
+    elif spec.kind == "cifar-c":
+        data = _open_cifar_c(spec, names, sev)
+    else:
+        data = _open_imagenet_c(spec, names, sev)
+    if data.missing and not allow_partial:
+        raise ValueError(
+            f"expected every requested corruption/severity in {spec.path}, but it lacks {', '.join(data.missing)}; "
+            "pass --allow-partial to run what exists, or narrow --corruptions/--severities"
+        )
+    for m in data.missing:
+        log.warning("skipping %s: not in %s", m, spec.path)
+    if clean is not None and data.cells[0] != (CLEAN, 0):
+        clean_set, corrupted = open_clean(clean), data._open
+        data._open = lambda c, s: clean_set if c == CLEAN else corrupted(c, s)
+        data.cells.insert(0, (CLEAN, 0))
+    if not [c for c in data.cells if c[0] != CLEAN]:
+        raise ValueError(f"expected at least one corruption/severity cell in {spec.path}, found none of those asked")
+    return data
+
+
+def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData:
+    root = spec.path
+    labels_path = root / "labels.npy"
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"expected labels.npy in the CIFAR-C folder {root}, found none")
+    labels = np.load(labels_path, mmap_mode="r")
+    blocks = _cifar_c_severities(root)
+    if len(labels) % len(blocks):
+        raise ValueError(
+            f"expected labels.npy to hold {len(blocks)} severity blocks of equal size, got {len(labels)} labels"
+        )
+    size = len(labels) // len(blocks)
+    missing = [f"{c}.npy" for c in names if not (root / f"{c}.npy").is_file()]
+    missing += [f"severity {s}" for s in sev if s not in blocks]
+    cells = [(c, s) for c in names if (root / f"{c}.npy").is_file() for s in sev if s in blocks]
+
+    def opener(c: str, s: int) -> ImageSet:
+        x = np.load(root / f"{c}.npy", mmap_mode="r")
+        if len(x) != len(labels):
+            raise ValueError(
+                f"expected {c}.npy to have as many images as labels.npy has labels ({len(labels)}), got {len(x)}; "
+                "the folder mixes files of different exports"
+            )
+        k = blocks.index(s)
+        block = slice(k * size, (k + 1) * size)
+        return ArrayImages(x[block], np.array(labels[block]), name=f"{c}:{s}")
+
+    return BenchData(spec, cells, missing, opener)
+
+
+def _cifar_c_severities(root: Path) -> list[int]:
+    """Severities stacked in the .npy files: the export manifest's list when there is one, else the released 1..5."""
+    manifest = root / "bnadapt-corrupt.json"
+    if manifest.is_file():
+        import json
+
+        try:
+            return [int(s) for s in json.loads(manifest.read_text())["severities"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"expected a readable export manifest at {manifest}, got a damaged one ({e})") from e
+    return [1, 2, 3, 4, 5]
+
+
+def _open_imagenet_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData:
+    root = spec.path
+    cells, missing = [], []
+    for c in names:
+        if not (root / c).is_dir():
+            missing.append(c)
+            continue
+        for s in sev:
+            if (root / c / str(s)).is_dir():
+                cells.append((c, s))
+            else:
+                missing.append(f"{c}/{s}")
+
+    def opener(c: str, s: int) -> ImageSet:
+        images = _class_folder(root / c / str(s))
+        images.name = f"{c}:{s}"
+        return images
+
+    return BenchData(spec, cells, missing, opener)
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """Item k = batch k of a list of cells: (cell position, uint8 NHWC tensor, int64 labels)."""
+
+    def __init__(self, sets: list[ImageSet], batch_size: int) -> None:
+        self.sets = sets
+        self.index = [
+            (k, a, min(a + batch_size, len(s))) for k, s in enumerate(sets) for a in range(0, len(s), batch_size)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        k, a, b = self.index[i]
+        idx = np.arange(a, b)
+        x = np.ascontiguousarray(self.sets[k].get(idx))
+        return k, torch.from_numpy(x), torch.from_numpy(np.array(self.sets[k].labels[a:b], np.int64))
+
+
+def iter_batches_of(sets: list[ImageSet], batch_size: int, jobs: int = 0, pin_memory: bool = False):
+    """Yield ``(cell position, uint8 NHWC batch, labels)`` over every image of ``sets`` in order, loaded by ``jobs``
+    DataLoader workers (0: in this process), pinned for a fast copy to CUDA when asked.
+
+    Example:
+        >>> s = ArrayImages(np.zeros((5, 32, 32, 3), np.uint8), np.arange(5))
+        >>> [(k, tuple(x.shape)) for k, x, _ in iter_batches_of([s], 4)]
+        [(0, (4, 32, 32, 3)), (0, (1, 32, 32, 3))]
+    """
+    chunks = _Chunks(sets, batch_size)
+    loader = torch.utils.data.DataLoader(
+        chunks, batch_size=None, shuffle=False, num_workers=jobs, pin_memory=pin_memory,
+        prefetch_factor=2 if jobs else None,
+    )  # fmt: skip
+    yield from loader

@@ -1,0 +1,327 @@
+"""The robustness benchmark protocol: for every model x method x n x seed x (corruption, severity) cell, draw n
+adaptation images from the cell (seeded), adapt a fresh copy of the model, and evaluate every image of the cell.
+
+Each cell's images are read once: every variant (method, n, seed) of a model is evaluated on the same batch as it
+streams past, so on-the-fly corruption and JPEG decoding are paid once per cell. Methods that need no images
+(``source``, ``test-batch``) run once per cell, not once per seed. Adaptation forwards the n images as ONE batch, as
+the authors' code does, so ``-b`` (the evaluation batch) never changes an offline method's result.
+
+Finished cells go to ``results.jsonl`` at once (see :mod:`bnadapt.results`); a rerun with ``resume`` skips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapt import adapt, is_online, method_names, method_uses_images, sample_indices
+from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of, to_float_nchw
+from .metrics import Accuracy
+from .results import Journal, read_results
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchConfig", "Variant", "parse_cell", "run_benchmark", "variants"]
+
+# (done cells, total cells, cell label, accuracy per method of the cell just finished)
+Progress = Callable[[int, int, str, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: methods, sample sizes ``ns``, adaptation ``seeds``, and how (batch, workers, device, precision).
+
+    ``adapt_on``: ``"corruption:severity"`` (or ``"clean"``) to adapt on that one cell and evaluate on every cell.
+    ``prior``/``part`` are passed to :func:`bnadapt.adapt`.
+    """
+
+    methods: tuple[str, ...] = ("source", "replace")
+    ns: tuple[int, ...] = (32,)
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 256
+    jobs: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    prior: float = 16.0
+    part: str = "both"
+    adapt_on: str | None = None
+    extra: dict = field(default_factory=dict)  # recorded in the header (e.g. the --clean set)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in method_names()]
+        if unknown or not self.methods:
+            raise ValueError(f"expected --methods from {', '.join(method_names())}, got {unknown or 'none'}")
+        if not self.ns or any(n < 1 for n in self.ns):
+            raise ValueError(f"expected sample sizes --n >= 1, got {list(self.ns)}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"expected non-negative --seeds, got {list(self.seeds)}")
+        if self.batch_size < 1 or self.jobs < 0:
+            raise ValueError(f"expected -b >= 1 and -j >= 0, got -b {self.batch_size} -j {self.jobs}")
+        if self.adapt_on is not None:
+            parse_cell(self.adapt_on)
+
+
+Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
+
+
+def variants(config: BenchConfig) -> list[Variant]:
+    """Every (method, n, seed) to evaluate per cell; image-free methods once, as (method, 0, None).
+
+    Example:
+        >>> variants(BenchConfig(methods=("source", "replace"), ns=(8, 32), seeds=(0, 1)))
+        [('source', 0, None), ('replace', 8, 0), ('replace', 8, 1), ('replace', 32, 0), ('replace', 32, 1)]
+    """
+    out: list[Variant] = []
+    for m in config.methods:
+        if method_uses_images(m):
+            out += [(m, n, s) for n in config.ns for s in config.seeds]
+        else:
+            out.append((m, 0, None))
+    return list(dict.fromkeys(out))
+
+
+def parse_cell(text: str) -> Cell:
+    """``"gaussian_noise:5"`` -> ("gaussian_noise", 5); ``"clean"`` -> ("clean", 0).
+
+    Example:
+        >>> parse_cell("fog:3")
+        ('fog', 3)
+    """
+    if text == CLEAN:
+        return (CLEAN, 0)
+    name, sep, sev = text.partition(":")
+    if not sep or not sev.isdigit() or not 1 <= int(sev) <= 5:
+        raise ValueError(f"expected a cell as <corruption>:<severity 1..5> (e.g. fog:3) or clean, got {text!r}")
+    return (name, int(sev))
+
+
+def _label(cell: Cell) -> str:
+    return CLEAN if cell[0] == CLEAN else f"{cell[0]}:{cell[1]}"
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"bnadapt": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__}  # fmt: skip
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, command, device) -> dict:
+    prep = {name: getattr(m, "preprocessing", None) for name, m in models.items()}
+    fingerprint = {"models": prep, "data": str(data.spec), "corrupt_seed": data.seed, "prior": config.prior,
+                   "part": config.part, "adapt_on": config.adapt_on, "amp": config.amp, **config.extra}  # fmt: skip
+    return {
+        "command": list(command) if command is not None else None,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "device": _device_name(device),
+        "preprocessing": prep,
+        "data": {"spec": str(data.spec), "kind": data.spec.kind, "corrupt_seed": data.seed, "missing": data.missing},
+        "config": asdict(config),
+        "fingerprint": fingerprint,
+    }
+
+
+class _Evaluator:
+    """Moves uint8 NHWC batches to the device as [0, 1] NCHW floats and runs a model on them in inference mode."""
+
+    def __init__(self, device: torch.device, amp: bool, channels_last: bool) -> None:
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            return model(x)
+
+
+def _prepare(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: _Evaluator) -> None:
+    """Fail before anything is written: the model must run on these images and know every label."""
+    probe = sets[0].get(np.arange(min(2, len(sets[0]))))
+    try:
+        classes = ev(model, ev.inputs(torch.from_numpy(probe))).shape[-1]
+    except RuntimeError as e:
+        raise ValueError(
+            f"expected images model {name} can take, got {tuple(probe.shape[1:])} (H, W, C) images from "
+            f"{sets[0].name} that it could not run on: {str(e).splitlines()[0]}"
+        ) from None
+    for s in sets:
+        lo, hi = int(s.labels.min()), int(s.labels.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(
+                f"expected labels in 0..{classes - 1} for model {name} ({classes} classes), got {lo}..{hi} in "
+                f"{s.name}; check that --data matches the model's classes"
+            )
+
+
+def run_benchmark(
+    models: Mapping[str, nn.Module],
+    data: BenchData,
+    config: BenchConfig | None = None,
+    out: str | os.PathLike[str] | None = None,
+    command: Sequence[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Run the protocol and return every result row (with ``out``: also those of earlier runs read back).
+
+    Args:
+        models: name -> model taking [0, 1] float NCHW images (e.g. from :func:`bnadapt.load_model`).
+        data: the cells (:func:`bnadapt.data.open_data`).
+        config: methods, n, seeds, batch size, workers, device, precision.
+        out: folder for ``results.jsonl`` (appended per cell); None keeps the rows in memory only.
+        command: the command line to record in the header.
+        resume: skip cells already in ``out``; force: write into a folder of another command.
+        progress: called after each cell with (done, total, cell label, accuracy per method).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from bnadapt.data import open_data
+        >>> from bnadapt.models import cifar_resnet
+        >>> f = Path(tempfile.mkdtemp()) / "c.npz"
+        >>> np.savez(f, x=np.full((8, 32, 32, 3), 99, np.uint8), y=np.arange(8) % 10)
+        >>> data = open_data(f"generate:cifar:{f}", ["contrast"], [5])
+        >>> rows = run_benchmark({"r20": cifar_resnet(20)}, data, BenchConfig(ns=(4,)))
+        >>> [(r["method"], r["corruption"], r["total"]) for r in rows]
+        [('source', 'clean', 8), ('replace', 'clean', 8), ('source', 'contrast', 8), ('replace', 'contrast', 8)]
+    """
+    config = config or BenchConfig()
+    config.validate()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
+    todo_variants = variants(config)
+    models = {name: _prepare(m, config, device) for name, m in models.items()}
+    ev = _Evaluator(device, config.amp, config.channels_last)
+    adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
+    for name, model in models.items():  # every check that can fail runs before the journal is touched
+        sets = [data.cell(*c) for c in data.cells]
+        if adapt_cell is not None:
+            sets.append(data.cell(*adapt_cell))
+        _preflight(name, model, sets, ev)
+        smallest = min(len(s) for s in (sets[-1:] if adapt_cell else sets))
+        if max((v[1] for v in todo_variants), default=0) > smallest:
+            raise ValueError(
+                f"expected --n <= the images of every cell ({smallest}), got n={max(config.ns)}; lower --n"
+            )
+    journal = None
+    if out is not None:
+        journal = Journal(out, _header(models, data, config, command, device), resume=resume, force=force)
+    done = journal.done if journal else set()
+    plan = []
+    for name in models:
+        for cell in data.cells:
+            need = [v for v in todo_variants if (name, *v, *cell) not in done]
+            if need:
+                plan.append((name, cell, need))
+    if journal is not None and len(plan) < len(models) * len(data.cells):
+        log.info("resuming: %d of %d cells already finished", len(models) * len(data.cells) - len(plan),
+                 len(models) * len(data.cells))  # fmt: skip
+    rows: list[dict] = []
+    finished = 0
+    for name, model in models.items():
+        mine = [(cell, need) for m, cell, need in plan if m == name]
+        adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
+        for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once):
+            if journal is not None:
+                journal.append(cell_rows)
+            rows.extend(cell_rows)
+            finished += 1
+            if progress is not None:
+                accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
+                        for r in cell_rows}  # fmt: skip
+                progress(finished, len(plan), f"{name} {_label(cell)}", accs)
+    if journal is not None:
+        return read_results(journal.path)[1]
+    return rows
+
+
+def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, device) -> tuple[nn.Module, float]:
+    """A fresh adapted copy of ``model`` for one variant, and the seconds it took."""
+    method, n, seed = variant
+    t0 = time.perf_counter()
+    images = None
+    if method_uses_images(method):
+        images = to_float_nchw(source.get(sample_indices(len(source), n, seed)))
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+    # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
+    out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part,
+                batch_size=max(1, n), device=device)  # fmt: skip
+    return out, time.perf_counter() - t0
+
+
+def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell, adapted_once):
+    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once."""
+    if not plan:
+        return
+    sets = [data.cell(*cell) for cell, _ in plan]
+    pin = ev.device.type == "cuda"
+    current = -1
+    state: list[list] = []  # per variant: [variant, model, Accuracy, seconds]
+
+    def finish(k: int) -> tuple[Cell, list[dict]]:
+        cell = plan[k][0]
+        out = []
+        for variant, _, acc, secs in state:
+            method, n, seed = variant
+            out.append({"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0],
+                        "severity": cell[1], "correct": acc.correct, "total": acc.total,
+                        "accuracy": acc.compute(), "seconds": round(secs, 4), "adapt_on": config.adapt_on})  # fmt: skip
+        return cell, out
+
+    for k, xb, yb in iter_batches_of(sets, config.batch_size, config.jobs, pin):
+        if k != current:
+            if current >= 0:
+                yield finish(current)
+            current = k
+            state = []
+            for variant in plan[k][1]:
+                if adapt_cell is None:
+                    m, secs = _adapted(model, variant, sets[k], config, ev.device)
+                else:
+                    if variant not in adapted_once:
+                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev.device)
+                    m, secs = adapted_once[variant]
+                    adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
+                    # Online methods keep changing while they run: each cell starts from the same adapted state.
+                    m = copy.deepcopy(m) if is_online(variant[0]) else m
+                state.append([variant, m, Accuracy(), secs])
+        x = ev.inputs(xb)
+        y = yb.to(ev.device, non_blocking=True)
+        for entry in state:
+            t0 = time.perf_counter()
+            entry[2].update(ev(entry[1], x), y)
+            entry[3] += time.perf_counter() - t0
+    if current >= 0:
+        yield finish(current)

@@ -1,0 +1,126 @@
+"""results.jsonl journal (resume, refusal to mix, corrupt tails), summaries and the CE/mCE metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from bnadapt.metrics import ALEXNET_ERRORS, Accuracy, accuracy, load_baseline, mce
+from bnadapt.results import RESULTS, Journal, read_results, summarize
+
+
+def _row(method="source", n=0, seed=None, c="fog", s=1, acc=0.5, model="m"):
+    return {"model": model, "method": method, "n": n, "seed": seed, "corruption": c, "severity": s,
+            "correct": int(acc * 100), "total": 100, "accuracy": acc, "seconds": 0.1, "adapt_on": None}  # fmt: skip
+
+
+HEADER = {"command": ["bnadapt", "bench"], "fingerprint": {"data": "a"}}
+
+
+def test_journal_resume_and_refusals(tmp_path):
+    j = Journal(tmp_path / "o", HEADER)
+    j.append([_row(), _row(s=2)])
+    with pytest.raises(ValueError, match="--resume"):
+        Journal(tmp_path / "o", HEADER)
+    with pytest.raises(ValueError, match="another one .*--force"):
+        Journal(tmp_path / "o", {**HEADER, "fingerprint": {"data": "b"}}, resume=True)
+    again = Journal(tmp_path / "o", HEADER, resume=True)
+    assert again.done == {("m", "source", 0, None, "fog", 1), ("m", "source", 0, None, "fog", 2)}
+    Journal(tmp_path / "o", {**HEADER, "fingerprint": {"data": "b"}}, force=True)
+    headers, rows = read_results(tmp_path / "o")
+    assert len(headers) == 3 and len(rows) == 2
+
+
+def test_corrupt_tail_ignored_with_warning_and_cut_on_resume(tmp_path, caplog):
+    j = Journal(tmp_path, HEADER)
+    j.append([_row(), _row(s=2)])
+    text = (tmp_path / RESULTS).read_text()
+    (tmp_path / RESULTS).write_text(text[:-20])  # a kill -9 mid-write
+    with caplog.at_level(logging.WARNING):
+        _, rows = read_results(tmp_path)
+    assert len(rows) == 1 and "corrupt last line" in caplog.text
+    j = Journal(tmp_path, HEADER, resume=True)
+    assert len(j.done) == 1
+    j.append([_row(s=2)])
+    caplog.clear()
+    _, rows = read_results(tmp_path)
+    assert [r["severity"] for r in rows] == [1, 2] and not caplog.text
+
+
+def test_last_line_without_newline_is_kept(tmp_path):
+    j = Journal(tmp_path, HEADER)
+    j.append([_row()])
+    (tmp_path / RESULTS).write_text((tmp_path / RESULTS).read_text().rstrip("\n"))
+    Journal(tmp_path, HEADER, resume=True).append([_row(s=3)])
+    assert [r["severity"] for r in read_results(tmp_path)[1]] == [1, 3]
+
+
+def test_summary_numbers_by_hand():
+    rows = [_row("source", c="gaussian_noise", s=1, acc=0.8), _row("source", c="gaussian_noise", s=5, acc=0.4),
+            _row("source", c="spatter", s=1, acc=0.3), _row("source", c="clean", s=0, acc=0.9)]  # fmt: skip
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        rows += [_row("replace", 8, seed, "gaussian_noise", 1, 0.7 + shift), _row("replace", 8, seed, "gaussian_noise",
+                 5, 0.5 + shift), _row("replace", 8, seed, "spatter", 1, 0.2 + shift)]  # fmt: skip
+    src, rep = summarize(rows)
+    assert src["mean_acc"] == pytest.approx(0.6) and src["mean_acc_extra"] == pytest.approx(0.3)
+    assert src["clean_acc"] == 0.9 and src["mean_acc_std"] == 0.0 and src["seeds"] == [None]
+    assert src["per_corruption"] == pytest.approx({"gaussian_noise": 0.6, "spatter": 0.3})
+    assert rep["seeds"] == [0, 1] and rep["n"] == 8
+    assert rep["mean_acc"] == pytest.approx(0.65) and rep["mean_acc_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert rep["per_severity"] == pytest.approx({"1": 0.75, "5": 0.55}) and rep["clean_acc"] is None
+    assert src["mce"] is None and set(src) >= {
+        "method",
+        "n",
+        "seeds",
+        "mean_acc",
+        "mean_acc_std",
+        "mean_acc_extra",
+        "per_severity",
+        "per_corruption",
+        "clean_acc",
+        "mce",
+        "relative_mce",
+    }
+
+
+def test_mce_alexnet_and_relative():
+    errors = {c: {s: e for s in range(1, 6)} for c, e in ALEXNET_ERRORS.items()}
+    m, rm = mce(errors, clean_error=0.4348)
+    assert m == pytest.approx(1.0) and rm == pytest.approx(1.0)
+    half = {c: {s: e / 2 for s in range(1, 6)} for c, e in ALEXNET_ERRORS.items()}
+    assert mce(half)[0] == pytest.approx(0.5)
+    assert mce({**half, "fog": {1: 0.1}}) == (None, None)  # a mean baseline needs all 5 severities
+    rows = [_row(c=c, s=s, acc=1 - e) for c, e in ALEXNET_ERRORS.items() for s in range(1, 6)]
+    assert summarize(rows, imagenet=True)[0]["mce"] == pytest.approx(1.0)
+
+
+def test_baseline_file(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"errors": {"fog": [0.1, 0.2, 0.3, 0.4, 0.5]}, "clean_error": 0.05}))
+    b = load_baseline(tmp_path / "b.json")
+    rows = [_row(c="fog", s=1, acc=0.95), _row(c="fog", s=5, acc=0.75), _row(c="clean", s=0, acc=0.95)]
+    s = summarize(rows, b)[0]
+    assert s["mce"] == pytest.approx(0.3 / 0.6) and s["relative_mce"] == pytest.approx((0.3 - 0.1) / (0.6 - 0.1))
+    (tmp_path / "bad.json").write_text('{"errors": {"fog": "x"}}')
+    with pytest.raises(ValueError, match="expected"):
+        load_baseline(tmp_path / "bad.json")
+
+
+def test_accuracy_functional_and_stateful_agree():
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(50) % 7
+    m = Accuracy()
+    for a in range(0, 50, 16):
+        m.update(logits[a : a + 16], target[a : a + 16])
+    assert m.compute() == accuracy(logits, target) and m.total == 50
+    with pytest.raises(ValueError, match="expected logits"):
+        accuracy(logits, target[:3])
+
+
+def test_force_mix_does_not_count_the_other_commands_rows(tmp_path):
+    Journal(tmp_path, HEADER).append([_row()])
+    mixed = Journal(tmp_path, {**HEADER, "fingerprint": {"data": "b"}}, force=True)
+    assert mixed.done == set()
+    assert Journal(tmp_path, HEADER, force=True).done == {("m", "source", 0, None, "fog", 1)}
