@@ -111,12 +111,36 @@ def _as_uint8_nhwc(images) -> tuple[np.ndarray, Callable[[np.ndarray], object], 
     return np.ascontiguousarray(x), back, single
 
 
-def image_rngs(seed: int | str | np.random.Generator | None, name: str, severity: int, indices: Sequence[int]) -> list:
-    """One independent ``numpy.random.Generator`` per image, keyed by (seed, corruption, severity, image index)."""
+class ImageRngs(Sequence):
+    """One random generator per image, made only when a corruption asks for it (deterministic ones never do).
+
+    Indexing gives a ``numpy.random.Generator`` keyed by (seed, corruption, severity, image index), or a legacy
+    ``RandomState(index)`` in "legacy" mode; slicing gives a list of them.
+    """
+
+    def __init__(self, base: int | None, key: int, severity: int, indices: Sequence[int]) -> None:
+        self._base, self._key, self._severity, self._indices = base, key, severity, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def _make(self, index: int):
+        if self._base is None:
+            # The original scripts call np.random.seed(i) before image i: a legacy RandomState per image replays that.
+            return np.random.RandomState(index)
+        return np.random.default_rng([self._base, self._key, self._severity, index])
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self._make(i) for i in self._indices[item]]
+        return self._make(self._indices[item])
+
+
+def image_rngs(seed: int | str | np.random.Generator | None, name: str, severity: int, indices: Sequence[int]):
+    """One independent generator per image, keyed by (seed, corruption, severity, image index); see ImageRngs."""
     if isinstance(seed, str) and seed == "legacy":
-        # The original scripts call np.random.seed(i) before image i: a legacy RandomState per image replays that.
-        return [np.random.RandomState(int(i)) for i in indices]
-    if isinstance(seed, np.random.Generator):
+        base = None
+    elif isinstance(seed, np.random.Generator):
         base = int(seed.integers(0, 2**63 - 1))
     elif seed is None:
         base = 0
@@ -124,8 +148,7 @@ def image_rngs(seed: int | str | np.random.Generator | None, name: str, severity
         base = int(seed)
     else:
         raise ValueError(f"expected seed to be a non-negative integer, a numpy Generator or 'legacy', got {seed!r}")
-    key = zlib.crc32(name.encode())
-    return [np.random.default_rng([base, key, severity, int(i)]) for i in indices]
+    return ImageRngs(base, zlib.crc32(name.encode()), severity, indices)
 
 
 def corrupt(
