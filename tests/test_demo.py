@@ -14,9 +14,11 @@ def test_digits_data_shapes():
 
 def test_demo_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BNADAPT_CACHE", str(tmp_path))
-    assert main(["demo"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     mean = next(line for line in out.splitlines() if line.startswith("mean")).split()
     source, replace, prior = map(float, mean[1:])
     assert replace > source + 20 and prior > source
     assert list(tmp_path.glob("digits_cnn_*.pt"))  # cached for the next run
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| replace n=32 |" in report and (tmp_path / "demo" / "results.jsonl").is_file()
