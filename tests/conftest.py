@@ -102,3 +102,19 @@ def make_tiny(seed: int = 0, in_ch: int = 3) -> TinyNet:
 @pytest.fixture
 def tiny() -> TinyNet:
     return make_tiny()
+
+
+@pytest.fixture
+def resnet20_checkpoint(tmp_path: Path) -> Path:
+    """A random-init CIFAR ResNet-20 with non-trivial BN statistics, saved as ``tmp_path/ck.pt`` (network-free)."""
+    from bnadapt.models import cifar_resnet
+
+    torch.manual_seed(0)
+    net = cifar_resnet(20).net
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.2, 0.2)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pt")
+    return tmp_path / "ck.pt"

@@ -7,24 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from bnadapt.cli import main
 from bnadapt.corruptions.export import export_corrupted
-from bnadapt.models import cifar_resnet
 from bnadapt.results import RESULTS, read_results
 
 
 @pytest.fixture
-def setup(tmp_path):
-    torch.manual_seed(0)
-    net = cifar_resnet(20).net
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-                m.running_mean.uniform_(-0.2, 0.2)
-    torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pt")
+def setup(tmp_path, resnet20_checkpoint):
     x = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", x=x, y=np.arange(48) % 10)
     return tmp_path

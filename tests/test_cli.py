@@ -11,18 +11,10 @@ import torch
 
 from bnadapt import BNStats, load_model
 from bnadapt.cli import main
-from bnadapt.models import cifar_resnet
 
 
 @pytest.fixture
-def setup(tmp_path):
-    torch.manual_seed(0)
-    net = cifar_resnet(20).net
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-    torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pt")
+def setup(tmp_path, resnet20_checkpoint):
     x = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "imgs.npz", x=x, y=np.zeros(40, np.int64))
     return tmp_path

@@ -57,3 +57,15 @@ def test_single_image_and_global_rng_independence(name):
     np.random.seed(456)
     b = corrupt(x[1], name, 3, profile="cifar", seed=5, start=1)
     assert b.shape == (40, 36, 3) and np.array_equal(a[1], b)
+
+
+RANDOM = [n for n in ALL if n not in ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate",
+                                      "jpeg_compression", "gaussian_blur", "saturate")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_corruptions_depend_on_the_seed(name):
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert not np.array_equal(
+        corrupt(x, name, 5, profile="cifar", seed=7), corrupt(x, name, 5, profile="cifar", seed=8)
+    )

@@ -36,15 +36,8 @@ def _positive_int(text: str) -> int:
 
 
 def _severities(text: str) -> tuple[int, ...]:
-    try:
-        if "-" in text:
-            lo, hi = (int(t) for t in text.split("-", 1))
-            values = tuple(range(lo, hi + 1))
-        else:
-            values = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected severities like 1-5 or 1,3,5, got {text!r}") from None
-    if not values or any(not 1 <= v <= 5 for v in values):
+    values = _int_list(text)
+    if any(not 1 <= v <= 5 for v in values):
         raise argparse.ArgumentTypeError(f"expected severities within 1..5, got {text!r}")
     return values
 
