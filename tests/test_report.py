@@ -76,3 +76,15 @@ def test_report_cli(results, tmp_path, capsys):
     assert main(["report", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "found none" in err and len(err.strip().splitlines()) == 1
+
+
+def test_clean_set_only(tmp_path):
+    """npz:/folder: data is one clean cell: tables and summary, and no plot that would need corruptions."""
+    pytest.importorskip("matplotlib")
+    rows = [{"model": "m", "method": m, "n": n, "seed": sd, "corruption": "clean", "severity": 0, "correct": 80,
+             "total": 100, "accuracy": 0.8, "seconds": 0.1, "adapt_on": None}
+            for m, n, sd in (("source", 0, None), ("replace", 32, 0))]  # fmt: skip
+    Journal(tmp_path / "r", HEADER).append(rows)
+    written = write_report(tmp_path / "r", "md")
+    assert [p.name for p in written] == ["summary.json", "report.md"]
+    assert "| replace n=32 | 80.0 |" in (tmp_path / "r" / "report.md").read_text()

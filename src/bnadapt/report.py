@@ -213,6 +213,8 @@ def _heatmap(plt, groups, names, rows):
         return None
     corr = [c for c in (*COMMON, *EXTRA) if any(k[0] == c for _, cells, _ in pairs for k in cells)]
     sev = sorted({k[1] for _, cells, _ in pairs for k in cells if k[0] != CLEAN})
+    if not corr or not sev:  # e.g. a clean set only: nothing to map
+        return None
     width = 1.5 + len(pairs) * (0.55 * len(sev) + 1.0)
     fig, axes = plt.subplots(1, len(pairs), figsize=(width, 0.3 * len(corr) + 1.5), squeeze=False)
     grids = [
