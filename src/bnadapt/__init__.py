@@ -9,13 +9,15 @@ Example:
 from __future__ import annotations
 
 from .adapt import adapt, method_names, register_method
+from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
-from .data import read_images, to_float_nchw
+from .data import open_data, read_images, to_float_nchw
 from .models import load_model, model_names
 
 __all__ = [
     "BNStats",
+    "BenchConfig",
     "adapt",
     "bn_layers",
     "corrupt",
@@ -25,8 +27,10 @@ __all__ = [
     "method_names",
     "mix_stats",
     "model_names",
+    "open_data",
     "read_images",
     "register_method",
+    "run_benchmark",
     "to_float_nchw",
 ]
 __version__ = "0.1.0"
