@@ -122,3 +122,14 @@ def test_cuda_with_workers_matches_cpu(data):
     cpu = _accs(run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(8,))))
     gpu = _accs(run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(8,), device="cuda", jobs=2)))
     assert gpu.keys() == cpu.keys() and all(abs(gpu[k] - cpu[k]) <= 0.05 for k in cpu)
+
+
+def test_callers_model_untouched(tmp_path):
+    from bnadapt.models import cifar_resnet
+
+    model = cifar_resnet(20).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    np.savez(tmp_path / "c.npz", x=np.full((8, 32, 32, 3), 99, np.uint8), y=np.arange(8) % 10)
+    data = open_data(f"generate:cifar:{tmp_path / 'c.npz'}", ["contrast"], [5])
+    run_benchmark({"r20": model}, data, BenchConfig(ns=(4,), channels_last=True))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -159,7 +159,8 @@ class _Evaluator:
 
 
 def _prepare(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
-    model = model.to(device).eval()
+    # A copy: moving, eval() and channels-last must not change the caller's model.
+    model = copy.deepcopy(model).to(device).eval()
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
