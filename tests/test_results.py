@@ -124,3 +124,26 @@ def test_force_mix_does_not_count_the_other_commands_rows(tmp_path):
     mixed = Journal(tmp_path, {**HEADER, "fingerprint": {"data": "b"}}, force=True)
     assert mixed.done == set()
     assert Journal(tmp_path, HEADER, force=True).done == {("m", "source", 0, None, "fog", 1)}
+
+
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from bnadapt.results import LOCK
+
+    header = {"command": ["bench"], "fingerprint": {"data": "x"}}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / LOCK).write_text(f"{live.pid}\n")
+        with pytest.raises(ValueError, match=f"process {live.pid} holds"):
+            Journal(tmp_path / "r", header)
+    finally:
+        live.kill()
+        live.wait()
+    # The same pid, now dead: a stale lock, taken over with a warning.
+    j = Journal(tmp_path / "r", header)
+    assert "stale lock" in caplog.text and (tmp_path / "r" / LOCK).read_text().strip() != str(live.pid)
+    j.close()
+    assert not (tmp_path / "r" / LOCK).exists()

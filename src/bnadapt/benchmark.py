@@ -248,20 +248,24 @@ def run_benchmark(
     if journal is not None and len(plan) < len(models) * len(data.cells):
         log.info("resuming: %d of %d cells already finished", len(models) * len(data.cells) - len(plan),
                  len(models) * len(data.cells))  # fmt: skip
-    rows: list[dict] = []
-    finished = 0
-    for name, model in models.items():
-        mine = [(cell, need) for m, cell, need in plan if m == name]
-        adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
-        for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once):
-            if journal is not None:
-                journal.append(cell_rows)
-            rows.extend(cell_rows)
-            finished += 1
-            if progress is not None:
-                accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
-                        for r in cell_rows}  # fmt: skip
-                progress(finished, len(plan), f"{name} {_label(cell)}", accs)
+    try:
+        rows: list[dict] = []
+        finished = 0
+        for name, model in models.items():
+            mine = [(cell, need) for m, cell, need in plan if m == name]
+            adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
+            for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once):
+                if journal is not None:
+                    journal.append(cell_rows)
+                rows.extend(cell_rows)
+                finished += 1
+                if progress is not None:
+                    accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
+                            for r in cell_rows}  # fmt: skip
+                    progress(finished, len(plan), f"{name} {_label(cell)}", accs)
+    finally:
+        if journal is not None:
+            journal.close()
     if journal is not None:
         return read_results(journal.path)[1]
     return rows

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RESULTS", "SUMMARY", "Journal", "read_results", "row_key", "summarize", "write_summary"]
 
 RESULTS = "results.jsonl"
+LOCK = ".bnadapt.lock"
 SUMMARY = "summary.json"
 KEY_FIELDS = ("model", "method", "n", "seed", "corruption", "severity")
 
@@ -108,6 +109,20 @@ class Journal:
         if not self.dir.parent.is_dir():
             raise FileNotFoundError(f"expected an existing parent directory for --out {self.dir}; create it first")
         self.dir.mkdir(exist_ok=True)
+        self._lock = _acquire_lock(self.dir / LOCK)
+        try:
+            self._open(header, resume, force)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (the journal's files stay)."""
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def _open(self, header: dict, resume: bool, force: bool) -> None:
         self.path = self.dir / RESULTS
         self.done: set[tuple] = set()
         if self.path.is_file():
@@ -156,6 +171,40 @@ class Journal:
         if rows:
             self._write(rows)
             self.done.update(row_key(r) for r in rows)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _acquire_lock(path: Path) -> Path:
+    """Create ``path`` holding our pid, or refuse while a live process holds it; a dead owner's lock is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner > 0 and owner != os.getpid() and _pid_alive(owner):
+                raise ValueError(
+                    f"expected no other run writing to {path.parent}, got one: process {owner} holds {path.name}; "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            log.warning("removing a stale lock %s left by process %s, which is no longer running", path, owner or "?")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path
+    raise ValueError(f"expected to lock {path.parent}, but another process keeps taking {path.name}; retry")
 
 
 def _mean(values: Iterable[float]) -> float | None:
