@@ -148,9 +148,10 @@ class _Evaluator:
         self.dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        # uint8 NHWC viewed as NCHW already has channels-last strides; copying it to NCHW-contiguous cost ~15% of
+        # ResNet-20's throughput on CPU (benchmarks/bench_harness.py), so the layout is kept as it comes.
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         amp = torch.autocast(self.device.type, dtype=self.dtype) if self.amp else contextlib.nullcontext()
