@@ -147,6 +147,14 @@ def _progress_bar(total: int, enabled: bool, unit: str):
     return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
 
 
+def _advance(bar, step: int, total: int) -> None:
+    """Move a progress bar by ``step``, first adopting ``total`` (known only once the work has started)."""
+    if bar.total != total:
+        bar.total = total
+        bar.refresh()
+    bar.update(step)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>")
@@ -275,28 +283,26 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_corrupt(args: argparse.Namespace) -> int:
     from .corruptions import GROUPS
     from .corruptions.export import export_corrupted
-    from .data import read_images
 
     names: list[str] = []
     for item in args.corruptions or ["all"]:
         names.extend(GROUPS.get(item, (item,)))
     names = list(dict.fromkeys(names))
-    if args.format == "cifar-c" or not args.input.is_dir():
-        n_images = len(read_images(args.input)[0]) if args.input.exists() else 0
-    else:
-        from .data import list_image_files
-
-        n_images = len(list_image_files(args.input))
     t0 = time.perf_counter()
-    bar = _progress_bar(n_images * len(names) * len(args.severities), not args.no_progress, "img")
+    bar = _progress_bar(0, not args.no_progress, "img")
+
+    def progress(step: int, total: int) -> None:
+        _advance(bar, step, total)
+
     try:
         done = export_corrupted(
             args.input, args.out, args.format, args.profile, names, args.severities, args.seed, args.jobs,
-            resize=not args.no_resize, skip_bad=args.skip_bad, force=args.force, progress=bar.update,
+            resize=not args.no_resize, skip_bad=args.skip_bad, force=args.force, progress=progress,
         )  # fmt: skip
     finally:
         bar.close()
     kind = "files" if args.format == "cifar-c" else "cells"
+    n_images = (bar.total or 0) // max(1, len(names) * len(args.severities))
     print(f"wrote {len(done)} {kind} ({len(names)} corruptions x {len(args.severities)} severities of {n_images} "
           f"images) to {args.out} in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     return 0
@@ -381,12 +387,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bar = _progress_bar(0, not args.no_progress, "cell")
 
     def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
         shown = " ".join(f"{k} {100 * v:.1f}%" for k, v in list(accs.items())[:4])
         bar.set_postfix_str(f"{label}: {shown}", refresh=False)
-        bar.update(1)
+        _advance(bar, 1, total)
 
     t0 = time.perf_counter()
     try:

@@ -106,7 +106,7 @@ def _cifar_cell(args: tuple) -> tuple[str, int, np.ndarray]:
     return name, severity, np.concatenate(parts)
 
 
-def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int], None] | None) -> list[Path]:
+def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int, int], None] | None) -> list[Path]:
     x, y = read_images(plan.source)
     if y is None:
         raise ValueError(
@@ -120,14 +120,15 @@ def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[in
             np.save(f, np.tile(y, len(plan.severities)))
     todo = [c for c in plan.corruptions if not (out / f"{c}.npy").is_file()]
     done = [out / f"{c}.npy" for c in plan.corruptions if c not in todo]
-    if progress and done:
-        progress(len(done) * len(plan.severities) * len(x))
+    total = len(plan.corruptions) * len(plan.severities) * len(x)
+    if progress:
+        progress(len(done) * len(plan.severities) * len(x), total)
     tasks = [(x, c, s, plan.profile, plan.seed) for c in todo for s in plan.severities]
     blocks: dict[str, dict[int, np.ndarray]] = {c: {} for c in todo}
     for name, severity, y_cell in _run(_cifar_cell, tasks, jobs):
         blocks[name][severity] = y_cell
         if progress:
-            progress(len(x))
+            progress(len(x), total)
         if len(blocks[name]) == len(plan.severities):
             path = out / f"{name}.npy"
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -202,12 +203,13 @@ def _imagenet_items(plan: ExportPlan) -> list[tuple[int, str, str, Path | np.nda
     return [(i, "unlabeled" if y is None else str(int(y[i])), f"{i:0{width}d}", x[i]) for i in range(len(x))]
 
 
-def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int], None] | None) -> list[Path]:
+def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int, int], None] | None) -> list[Path]:
     items = _imagenet_items(plan)
     cells = [(c, s, out / c / str(s)) for c in plan.corruptions for s in plan.severities]
     done = [cell for _, _, cell in cells if cell.is_dir()]
-    if progress and done:
-        progress(len(done) * len(items))
+    total = len(cells) * len(items)
+    if progress:
+        progress(len(done) * len(items), total)
     tasks = []
     for c, s, cell in cells:
         if not cell.is_dir():
@@ -216,7 +218,7 @@ def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[
     for (_, _, _, _, cell), _written in zip(tasks, _run(_imagenet_cell, tasks, jobs), strict=True):
         done.append(cell)
         if progress:
-            progress(len(items))
+            progress(len(items), total)
     return done
 
 
@@ -241,13 +243,14 @@ def export_corrupted(
     resize: bool = True,
     skip_bad: bool = False,
     force: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Corrupt a dataset and write it in the CIFAR-10-C or ImageNet-C layout; returns the finished outputs.
 
     ``cifar-c``: ``out/<corruption>.npy`` (len(severities) * N, H, W, 3) uint8, severities stacked in blocks of N, and
     ``out/labels.npy``. ``imagenet-c``: ``out/<corruption>/<severity>/<class>/<name>.JPEG`` at quality 85, after
-    resize 256 + centre crop 224 unless ``resize=False``. Finished outputs are skipped on a rerun.
+    resize 256 + centre crop 224 unless ``resize=False``. Finished outputs are skipped on a rerun. ``progress`` is
+    called as ``progress(images just finished, total images)``, first with the images already done.
 
     Example:
         >>> import tempfile
