@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
 
+    from ._io import atomic_path
     from .adapt import adapt, is_online
-    from .bn import BNStats, atomic_path, bn_layers
+    from .bn import BNStats, bn_layers
     from .data import read_images
     from .models import load_model
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_path
 from .adapt import adapt
-from .bn import atomic_path
 from .data import to_float_nchw
 from .models import Classifier
 

@@ -15,7 +15,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .bn import atomic_path
+from ._io import atomic_path
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
 from .metrics import Baseline

@@ -285,7 +285,7 @@ def _summary(key: tuple, rows: list[dict], baseline: Baseline | None) -> dict:
 
 def write_summary(out: str | os.PathLike[str], summary: list[dict]) -> Path:
     """Write ``summary.json`` atomically into the folder ``out``; returns its path."""
-    from .bn import atomic_path
+    from ._io import atomic_path
 
     path = Path(out) / SUMMARY
     with atomic_path(path) as tmp:

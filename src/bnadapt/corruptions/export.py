@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bn import atomic_path
+from .._io import atomic_path
 from ..data import list_image_files, read_images
 from . import GROUPS, corrupt
 
