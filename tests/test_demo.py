@@ -22,3 +22,21 @@ def test_demo_table(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.glob("digits_cnn_*.pt"))  # cached for the next run
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| replace n=32 |" in report and (tmp_path / "demo" / "results.jsonl").is_file()
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone(tmp_path, monkeypatch):
+    import torch
+
+    from bnadapt.demo import trained_digits_cnn
+
+    xtr, ytr, _, _ = digits_data()
+    nets = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("BNADAPT_CACHE", str(tmp_path / sub))
+        torch.manual_seed(123)
+        expected = torch.rand(1)
+        torch.manual_seed(123)
+        nets.append(trained_digits_cnn(xtr[:256], ytr[:256], epochs=1))
+        assert torch.equal(torch.rand(1), expected)  # training drew from its own forked generator
+    a, b = (n.net.state_dict() for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
