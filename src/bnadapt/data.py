@@ -117,7 +117,8 @@ def _decode(path: Path, channels: int = 3) -> np.ndarray:
 def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read images and optional labels from an .npz (``x`` and ``y``), an .npy, or an image folder.
 
-    In a folder, images directly inside sub-folders get labels from the sorted sub-folder names (ImageFolder style);
+    In a folder, images directly inside sub-folders get labels from the sub-folder names (their sorted position,
+    ImageFolder style, or the names themselves when all are integers, as `bnadapt corrupt` writes them);
     otherwise labels are None. All images must have the same size.
 
     Returns:
@@ -173,17 +174,11 @@ def _read_folder(root: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray 
     files = files[:limit] if limit is not None else files
     rels = [f.relative_to(root.resolve()) for f in files]
     by_class = all(len(r.parts) == 2 for r in rels)
-    classes = sorted({r.parts[0] for r in rels}) if by_class else []
-    images = [_decode(f) for f in files]
-    shape = images[0].shape
-    for f, im in zip(files, images, strict=True):
-        if im.shape != shape:
-            raise ValueError(
-                f"expected all images to be {shape[1]}x{shape[0]}, got {im.shape[1]}x{im.shape[0]} in {f}; "
-                "resize them to one size first"
-            )
-    y = np.array([classes.index(r.parts[0]) for r in rels], np.int64) if by_class else None
-    return np.stack(images), y
+    label = _class_labels(sorted({r.parts[0] for r in rels})) if by_class else {}
+    y = np.array([label[r.parts[0]] for r in rels], np.int64) if by_class else None
+    # FileImages decodes and checks that every image has the same size, as the benchmark's readers do.
+    images = FileImages(files, np.zeros(len(files), np.int64), name=str(root))
+    return images.get(np.arange(len(files))), y
 
 
 # --- Benchmark data: cells of (corruption, severity), readers for the released layouts, on-the-fly corruption ---
