@@ -9,7 +9,7 @@ never depends on how a dataset is split into batches nor on the global RNG state
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +223,14 @@ def randint(rng, low: int, high: int, size=None):
     if isinstance(rng, np.random.RandomState):
         return rng.randint(low, high, size=size)
     return rng.integers(low, high, size=size)
+
+
+def chunks(n: int, pixels_per_image: int, budget: int) -> Iterator[slice]:
+    """Slices of the batch axis of whole images holding about ``budget`` pixels each (at least one image), so float
+    temporaries stay cache-sized and memory stays bounded for large batches."""
+    step = max(1, budget // max(1, pixels_per_image))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
 
 
 # Importing the family modules fills the registry.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 
 import cv2
@@ -10,25 +9,11 @@ import numpy as np
 from scipy import sparse
 from scipy.ndimage import gaussian_filter, zoom
 
-from . import register, to_uint8
+from . import chunks, randint, register, to_uint8
 from ._motion import motion_blur_batch
 
 # Batches are processed in chunks of about this many pixels to bound the float intermediates.
 _CHUNK_PIXELS = 2**20
-
-
-def _randint(rng, low: int, high: int, size):
-    # The package's helper, imported late: the family modules are imported before it is defined.
-    from . import randint
-
-    return randint(rng, low, high, size)
-
-
-def chunks(n: int, pixels_per_image: int, budget: int = _CHUNK_PIXELS) -> Iterator[slice]:
-    """Slices of the batch axis holding about ``budget`` pixels each (at least one image)."""
-    step = max(1, budget // max(1, pixels_per_image))
-    for s in range(0, n, step):
-        yield slice(s, min(n, s + step))
 
 
 @register("gaussian_blur")
@@ -99,7 +84,7 @@ def glass_shuffle_map(shape: tuple[int, int, int], d: int, iters: int, rngs: lis
     ww = (w - d - np.arange(nw))[None, :]
     base = (np.arange(n) * (h * w))[:, None, None]
     region = (base + hh * w + ww).reshape(-1)
-    draws = np.stack([_randint(rng, -d, d, (iters, nh, nw, 2)) for rng in rngs], axis=1)  # (iters, n, nh, nw, 2)
+    draws = np.stack([randint(rng, -d, d, (iters, nh, nw, 2)) for rng in rngs], axis=1)  # (iters, n, nh, nw, 2)
     for t in range(iters):
         sh, sw = hh + draws[t, ..., 1], ww + draws[t, ..., 0]
         terminal = (base + sh * w + sw).reshape(-1)  # the pixel whose pre-pass value each position receives
@@ -126,7 +111,7 @@ def glass_blur(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.ndar
     sigma, d, iters = param
     n, h, w, c = x.shape
     out = np.empty(x.shape, np.uint8)
-    for sl in chunks(n, h * w):
+    for sl in chunks(n, h * w, _CHUNK_PIXELS):
         m = sl.stop - sl.start
         blurred = (_skimage_gaussian(x[sl], sigma) * 255).astype(np.uint8)
         src = glass_shuffle_map((m, h, w), int(d), int(iters), rngs[sl])
@@ -212,7 +197,7 @@ def zoom_blur(x: np.ndarray, zooms: np.ndarray, rngs: list, profile: str) -> np.
     n, h, w, c = x.shape
     op = zoom_blur_operator(h, w, tuple(float(z) for z in zooms))
     out = np.empty(x.shape, np.uint8)
-    for sl in chunks(n, h * w):
+    for sl in chunks(n, h * w, _CHUNK_PIXELS):
         m = sl.stop - sl.start
         # Pixels as rows, (image, channel) as columns: one sparse product for the chunk.
         cols = (x[sl].transpose(1, 2, 0, 3).reshape(h * w, m * c) / 255.0).astype(np.float32)

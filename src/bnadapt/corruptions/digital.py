@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from . import register, to_uint8
+from . import chunks, register, to_uint8
 
 # Float work is done on slices of the batch of about this many pixels, so temporaries stay in cache and memory stays
 # bounded for large batches of large images.
@@ -104,13 +104,6 @@ def saturate(x: np.ndarray, param: tuple[float, float], rngs: list, profile: str
 # ---------------------------------------------------------------------------------------------------------------
 # Elastic transform
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _image_chunks(n: int, pixels_per_image: int) -> Iterator[slice]:
-    """Slices of whole images, about 8 * _CHUNK_PIXELS values each (one image at a time when larger)."""
-    step = max(1, (8 * _CHUNK_PIXELS) // pixels_per_image)
-    for a in range(0, n, step):
-        yield slice(a, min(a + step, n))
 
 
 def _reflect(i: np.ndarray, n: int) -> np.ndarray:
@@ -267,7 +260,7 @@ def elastic_transform(x: np.ndarray, param: tuple[float, float, float], rngs: li
     pts1 = np.float32([centre + size, [centre[0] + size, centre[1] - size], centre - size])
     out = np.empty(x.shape, np.uint8)
     with _one_blas_thread():
-        for sl in _image_chunks(n, h * w * c):
+        for sl in chunks(n, h * w * c, 8 * _CHUNK_PIXELS):
             _elastic_chunk(x[sl], [rngs[i] for i in range(sl.start, sl.stop)], pts1, param, out[sl])
     return out
 

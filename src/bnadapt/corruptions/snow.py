@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register, to_uint8
+from . import chunks, register, to_uint8
 from ._motion import motion_blur_batch
-from .blur import chunks, clipped_zoom_batch
+from .blur import _CHUNK_PIXELS, clipped_zoom_batch
 
 
 @register("snow")
@@ -14,7 +14,7 @@ def snow(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.ndarray:
     loc, scale, z, thr, radius, sigma, b = param
     n, h, w, c = x.shape
     out = np.empty(x.shape, np.uint8)
-    for sl in chunks(n, h * w):
+    for sl in chunks(n, h * w, _CHUNK_PIXELS):
         m = sl.stop - sl.start
         # The original draws the layer, then the blur angle, per image: the same order lets its stream be replayed.
         layers = np.empty((m, h, w), np.float64)

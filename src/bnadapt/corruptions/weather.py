@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from . import register
+from . import chunks, randint, register
 from .params import FOG_MAP_SIZE
 
 # Images per chunk are chosen so that a chunk's float temporaries stay in cache: one big batch is 2-3x slower.
@@ -24,10 +24,9 @@ _CHUNK_PIXELS = 1 << 17
 
 def _chunked(x: np.ndarray, rngs: list, work) -> np.ndarray:
     """Run ``work(x_chunk, rngs_chunk) -> uint8`` over chunks of images; each image keeps its own generator."""
-    step = max(1, _CHUNK_PIXELS // (x.shape[1] * x.shape[2]))
     out = np.empty(x.shape, np.uint8)
-    for s in range(0, x.shape[0], step):
-        out[s : s + step] = work(x[s : s + step], rngs[s : s + step])
+    for sl in chunks(x.shape[0], x.shape[1] * x.shape[2], _CHUNK_PIXELS):
+        out[sl] = work(x[sl], rngs[sl])
     return out
 
 
@@ -108,7 +107,6 @@ def _texture_for(folder: str, profile: str, idx: int, h: int, w: int) -> np.ndar
 
 @register("frost", rgb_only=True)
 def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
-    from . import randint  # defined below the family imports in __init__, so imported at call time
 
     a, b = c
     n, h, w = x.shape[:3]
@@ -122,12 +120,11 @@ def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
         crops[i] = tex[top : top + h, left : left + w]
     # Blended on the 0..255 scale in float64 and truncated, as the original.
     out = np.empty_like(x)
-    step = max(1, _CHUNK_PIXELS // (h * w))
-    for s in range(0, n, step):
-        y = a * x[s : s + step].astype(np.float64)
-        y += b * crops[s : s + step]
+    for sl in chunks(n, h * w, _CHUNK_PIXELS):
+        y = a * x[sl].astype(np.float64)
+        y += b * crops[sl]
         np.clip(y, 0, 255, out=y)
-        out[s : s + step] = y
+        out[sl] = y
     return out
 
 
