@@ -53,6 +53,15 @@ def test_same_command_twice_and_batch_sizes_identical(setup):
     assert _accs(setup / "a") == _accs(setup / "b") == _accs(setup / "c")
 
 
+def test_limit_per_cell_recorded_and_resumable(setup):
+    assert main(_bench(setup, "l", "--limit-per-cell", "20")) == 0
+    headers, rows = read_results(setup / "l")
+    assert {r["total"] for r in rows} == {20} and headers[0]["config"]["extra"]["limit_per_cell"] == 20
+    assert main(_bench(setup, "l", "--limit-per-cell", "20", "--resume")) == 0
+    assert main(_bench(setup, "l", "--resume")) == 2  # another subset: refused, not mixed
+    assert len(read_results(setup / "l")[1]) == len(rows)
+
+
 def test_resume_after_crash_gives_the_same_rows(setup, capsys):
     assert main(_bench(setup, "full", "--seeds", "0,1")) == 0
     assert main(_bench(setup, "crash", "--seeds", "0,1")) == 0

@@ -137,6 +137,20 @@ def test_clean_set_added(tmp_path, npz):
     assert data.cells == [(CLEAN, 0), ("contrast", 1)] and len(data.cell(CLEAN, 0)) == 12
 
 
+def test_limit_per_cell_spreads_over_sorted_sets(npz):
+    path, x, y = npz
+    data = open_data(f"generate:cifar:{path}", ["contrast"], [2], limit=4)
+    for cell in data.cells:
+        s = data.cell(*cell)
+        assert s.labels.tolist() == y[[0, 3, 6, 9]].tolist()
+    full = open_data(f"generate:cifar:{path}", ["contrast"], [2]).cell("contrast", 2)
+    # the corrupted bytes of an image do not depend on the subset it is read through
+    assert np.array_equal(data.cell("contrast", 2).get(np.array([1, 3])), full.get(np.array([3, 9])))
+    assert len(open_data(f"npz:{path}", limit=100).cell(CLEAN, 0)) == 12
+    with pytest.raises(ValueError, match="limit-per-cell >= 1"):
+        open_data(f"npz:{path}", limit=0)
+
+
 @pytest.mark.parametrize(
     ("spec", "exc", "match"),
     [("npz:{t}/none.npz", FileNotFoundError, "found nothing"), ("cifar-c:{t}", FileNotFoundError, "labels.npy"),

@@ -95,6 +95,12 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
     g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
     g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
+    g.add_argument(
+        "--limit-per-cell",
+        type=int,
+        metavar="K",
+        help="evaluate K images per cell, spread evenly over it (a subset, recorded in the results)",
+    )
     g = p.add_argument_group("protocol")
     g.add_argument(
         "--methods",
@@ -365,12 +371,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
     baseline = load_baseline(args.baseline) if args.baseline else None
     data = open_data(
-        args.data, list(dict.fromkeys(names)), args.severities, args.allow_partial, args.corrupt_seed, clean=args.clean
+        args.data,
+        list(dict.fromkeys(names)),
+        args.severities,
+        args.allow_partial,
+        args.corrupt_seed,
+        clean=args.clean,
+        limit=args.limit_per_cell,
     )
     models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
     device = args.device
     workers = args.workers if args.workers is not None else (0 if device == "cpu" else min(4, os.cpu_count() or 1))
     extra = {"clean": str(args.clean) if args.clean else None}
+    if args.limit_per_cell is not None:  # only when set: results of earlier versions stay resumable
+        extra["limit_per_cell"] = args.limit_per_cell
     config = BenchConfig(
         tuple(args.methods),
         tuple(args.n),

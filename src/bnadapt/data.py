@@ -261,6 +261,37 @@ class CorruptedImages(ImageSet):
         return corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist())
 
 
+class IndexedImages(ImageSet):
+    """The images of ``base`` at the sorted positions ``index`` (a subset that keeps the dataset's order).
+
+    Example:
+        >>> s = IndexedImages(ArrayImages(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)), np.array([0, 5]))
+        >>> len(s), s.labels.tolist()
+        (2, [0, 5])
+    """
+
+    def __init__(self, base: ImageSet, index: np.ndarray) -> None:
+        self.base, self.index = base, np.asarray(index, np.int64)
+        self.labels, self.name = base.labels[self.index], base.name
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self.base.get(self.index[np.asarray(indices, np.int64)])
+
+
+def spread_indices(total: int, limit: int) -> np.ndarray:
+    """``limit`` positions spread evenly over ``range(total)`` (all of them when ``limit >= total``).
+
+    Evenly spread, not the first ``limit``: released sets are often sorted by class.
+
+    Example:
+        >>> spread_indices(10, 4).tolist()
+        [0, 2, 5, 7]
+    """
+    if limit >= total:
+        return np.arange(total, dtype=np.int64)
+    return (np.arange(limit, dtype=np.int64) * total) // limit
+
+
 def _class_labels(names: list[str]) -> dict[str, int]:
     """Class folder name -> label: the integer itself when every name is one (folders written from labels), else
     the position in sorted order (ImageNet wnids)."""
@@ -340,12 +371,16 @@ class BenchData:
 
     def __init__(self, spec: DataSpec, cells: list[Cell], missing: list[str], opener, seed: int = 0) -> None:
         self.spec, self.cells, self.missing, self._open, self.seed = spec, cells, missing, opener, seed
+        self.limit: int | None = None  # images per cell, spread evenly over it (--limit-per-cell)
         self._cache: dict[Cell, ImageSet] = {}
 
     def cell(self, corruption: str, severity: int) -> ImageSet:
         key = (corruption, int(severity))
         if key not in self._cache:
-            self._cache[key] = self._open(*key)
+            s = self._open(*key)
+            if self.limit is not None and len(s) > self.limit:
+                s = IndexedImages(s, spread_indices(len(s), self.limit))
+            self._cache[key] = s
         return self._cache[key]
 
 
@@ -356,13 +391,15 @@ def open_data(
     allow_partial: bool = False,
     seed: int = 0,
     clean: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
 ) -> BenchData:
     """Open a ``--data`` source for a benchmark over ``corruptions`` (default all 19) x ``severities``.
 
     ``folder:``/``npz:`` data is one clean cell; ``generate`` adds the clean cell of its input. Cells the data lacks
     raise a ValueError naming them, unless ``allow_partial`` (then they are listed in ``missing`` and skipped).
     ``seed`` is the corruption seed of ``generate``; ``clean``: an .npz or class folder to add as the clean cell
-    (for ``cifar-c``/``imagenet-c`` data, which holds no clean images).
+    (for ``cifar-c``/``imagenet-c`` data, which holds no clean images); ``limit``: at most this many images per
+    cell, spread evenly over it (:func:`spread_indices`).
     """
     from .corruptions import GROUPS
 
@@ -372,11 +409,15 @@ def open_data(
     if unknown:
         raise ValueError(f"expected corruption names, one of {', '.join(GROUPS['all'])}; got {unknown[0]!r}")
     sev = [int(s) for s in severities]
+    if limit is not None and limit < 1:
+        raise ValueError(f"expected --limit-per-cell >= 1, got {limit}")
     if not spec.path.exists():
         raise FileNotFoundError(f"expected {spec.kind} data at {spec.path}, found nothing there")
     if spec.kind in ("folder", "npz"):
         base = open_clean(spec.path)
-        return BenchData(spec, [(CLEAN, 0)], [], lambda c, s: base)
+        data = BenchData(spec, [(CLEAN, 0)], [], lambda c, s: base)
+        data.limit = limit
+        return data
     if spec.kind == "generate":
         base = open_clean(spec.path)
         cells = [(c, s) for c in names for s in sev]
@@ -402,6 +443,7 @@ def open_data(
         data.cells.insert(0, (CLEAN, 0))
     if not [c for c in data.cells if c[0] != CLEAN]:
         raise ValueError(f"expected at least one corruption/severity cell in {spec.path}, found none of those asked")
+    data.limit = limit
     return data
 
 
