@@ -126,6 +126,15 @@ def test_cli_bad_input(tmp_path, npz, capsys, args, match):
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.npy"))
 
 
+def test_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, npz):
+    path, _ = npz
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="labels"):
+        export_corrupted(tmp_path / "nolabels.npz", tmp_path / "o", corruptions=["contrast"])
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in export_corrupted(path, tmp_path / "o", corruptions=["contrast"])] == ["contrast.npy"]
+
+
 def test_unreadable_image_named_or_skipped(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "src" / "a" / "ok.png")

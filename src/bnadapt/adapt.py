@@ -122,6 +122,8 @@ def sample_indices(total: int, n: int, seed: int | None) -> np.ndarray:
     """
     if n > total:
         raise ValueError(f"expected n <= the number of images given ({total}), got n={n}; pass more images or lower n")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"expected a non-negative integer seed for the draw of adaptation images, got {seed!r}")
     return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
 
 
@@ -199,7 +201,7 @@ def adapt(
         raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {method!r}")
     if part not in ("both", "mean", "var"):
         raise ValueError(f"expected part to be one of both, mean, var; got {part!r}")
-    if prior < 0:
+    if not prior >= 0:  # also refuses NaN
         raise ValueError(f"expected a prior strength N >= 0, got {prior}")
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"expected momentum in (0, 1], got {momentum}")

@@ -69,6 +69,8 @@ class BenchConfig:
             raise ValueError(f"expected non-negative --seeds, got {list(self.seeds)}")
         if self.batch_size < 1 or self.jobs < 0:
             raise ValueError(f"expected -b >= 1 and -j >= 0, got -b {self.batch_size} -j {self.jobs}")
+        if not self.prior >= 0:  # also refuses NaN
+            raise ValueError(f"expected a prior strength --prior >= 0, got {self.prior}")
         if self.adapt_on is not None:
             parse_cell(self.adapt_on)
 
@@ -219,7 +221,10 @@ def run_benchmark(
     """
     config = config or BenchConfig()
     config.validate()
-    device = torch.device(config.device)
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ValueError(f"expected a torch --device such as cpu, cuda or cuda:1, got {config.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
     todo_variants = variants(config)

@@ -186,6 +186,11 @@ class BNStats:
                         f"expected a bnadapt statistics file ({_FORMAT}), got format {meta.get('format')!r}"
                     )
                 names = json.loads(meta["layers"])
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError(
+                        f"expected the file's 'layers' metadata to be a JSON list of layer names, got "
+                        f"{meta['layers']!r:.80}"
+                    )
                 mean, var = {}, {}
                 for n in names:
                     if f"{n}.mean" not in keys or f"{n}.var" not in keys:
@@ -197,8 +202,23 @@ class BNStats:
                             f"expected matching 1-D mean and var for layer {n!r}, got shapes "
                             f"{tuple(mean[n].shape)} and {tuple(var[n].shape)}"
                         )
-                count = {k: int(v) for k, v in json.loads(meta.get("count", "{}")).items()}
+                    # Applied as-is, a NaN or a negative variance would silently turn every prediction into NaN.
+                    if not (torch.isfinite(mean[n]).all() and torch.isfinite(var[n]).all() and (var[n] >= 0).all()):
+                        raise ValueError(
+                            f"expected finite means and non-negative finite variances for layer {n!r}, got NaN, "
+                            "inf or negative values; the file is damaged or was not written by bnadapt"
+                        )
+                count = json.loads(meta.get("count", "{}"))
                 user = json.loads(meta.get("user", "{}"))
+                if (
+                    not isinstance(count, dict)
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in count.values())
+                    or not isinstance(user, dict)
+                ):
+                    raise ValueError(
+                        "expected the file's 'count' metadata to map layers to non-negative integers and 'user' to "
+                        f"be a JSON object, got {meta.get('count')!r:.60} and {meta.get('user')!r:.60}"
+                    )
         except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as e:
             raise ValueError(
                 f"expected a readable bnadapt statistics file at {path}, got an unreadable one ({e})"

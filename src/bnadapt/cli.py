@@ -7,6 +7,7 @@ traceback, and nothing half-written.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -472,3 +473,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bnadapt: interrupted; finished outputs are kept, rerun the same command to continue", file=sys.stderr)
         return 130
+    except OSError as e:
+        from .results import OutOfSpaceError
+
+        if not (isinstance(e, OutOfSpaceError) or e.errno in (errno.ENOSPC, errno.EDQUOT)) or args.verbose:
+            raise
+        msg = (
+            str(e)
+            if isinstance(e, OutOfSpaceError)
+            else (
+                f"no space left on the device writing {e.filename or 'the outputs'}; finished outputs are kept: free "
+                "space and rerun the same command to continue"
+            )
+        )
+        print(f"bnadapt: error: {msg}", file=sys.stderr)
+        return 1

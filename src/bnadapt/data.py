@@ -137,22 +137,22 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
     if path.is_dir():
         return _read_folder(path, limit)
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npz":
+    if suffix == ".npy":
+        x, y = _load_npy(path), None
+    elif suffix == ".npz":
+        try:
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
-                if "x" not in keys and len(keys) != 1:
-                    raise ValueError(
-                        f"expected an .npz with an 'x' array (and optional 'y'), got keys {keys} in {path}"
-                    )
-                x = z["x"] if "x" in keys else z[keys[0]]
+                x = z["x"] if "x" in keys else (z[keys[0]] if len(keys) == 1 else None)
                 y = z["y"] if "y" in keys else None
-        elif suffix == ".npy":
-            x, y = np.load(path, allow_pickle=False, mmap_mode="r"), None
-        else:
-            raise ValueError(f"expected an image folder, .npz or .npy, got {path.name}")
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({e})") from e
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({_numpy_reason(e)})") from e
+        if x is None:
+            raise ValueError(f"expected an .npz with an 'x' array (and optional 'y'), got keys {keys} in {path}")
+    else:
+        raise ValueError(f"expected an image folder, .npz or .npy, got {path.name}")
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"expected at least one image in {path}, got an array of shape {x.shape}")
     if limit is not None:
         x = x[:limit]
         y = None if y is None else y[:limit]
@@ -165,6 +165,27 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
             )
         y = y.astype(np.int64)
     return x, y
+
+
+def _numpy_reason(e: Exception) -> str:
+    """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here)."""
+    if "pickle" in str(e) or "object" in str(e).lower():
+        return "it holds Python objects (pickled data), which bnadapt never loads"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """An .npy file memory-mapped read-only, never unpickled; a damaged file is a ValueError naming it."""
+    try:
+        x = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({_numpy_reason(e)})") from e
+    if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever its name
+        x.close()
+        raise ValueError(f"expected one array in the .npy file {path}, got an .npz archive; name it .npz")
+    if x.ndim == 0:
+        raise ValueError(f"expected an array in the numpy file {path}, got a single value")
+    return x
 
 
 def _read_folder(root: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -411,6 +432,10 @@ def open_data(
     sev = [int(s) for s in severities]
     if limit is not None and limit < 1:
         raise ValueError(f"expected --limit-per-cell >= 1, got {limit}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"expected a non-negative integer --corrupt-seed, got {seed!r}")
+    if clean is not None and not Path(clean).exists():
+        raise FileNotFoundError(f"expected a clean .npz or class folder for --clean at {clean}, found nothing there")
     if not spec.path.exists():
         raise FileNotFoundError(f"expected {spec.kind} data at {spec.path}, found nothing there")
     if spec.kind in ("folder", "npz"):
@@ -452,7 +477,12 @@ def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData
     labels_path = root / "labels.npy"
     if not labels_path.is_file():
         raise FileNotFoundError(f"expected labels.npy in the CIFAR-C folder {root}, found none")
-    labels = np.load(labels_path, mmap_mode="r")
+    labels = _load_npy(labels_path)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels):
+        raise ValueError(
+            f"expected labels.npy in {root} to hold integer class labels of shape (N,), got {labels.dtype} "
+            f"{labels.shape}; it must come from a CIFAR-C export"
+        )
     blocks = _cifar_c_severities(root)
     if len(labels) % len(blocks):
         raise ValueError(
@@ -464,7 +494,7 @@ def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData
     cells = [(c, s) for c in names if (root / f"{c}.npy").is_file() for s in sev if s in blocks]
 
     def opener(c: str, s: int) -> ImageSet:
-        x = np.load(root / f"{c}.npy", mmap_mode="r")
+        x = _load_npy(root / f"{c}.npy")
         if len(x) != len(labels):
             raise ValueError(
                 f"expected {c}.npy to have as many images as labels.npy has labels ({len(labels)}), got {len(x)}; "
@@ -544,4 +574,16 @@ def iter_batches_of(sets: list[ImageSet], batch_size: int, jobs: int = 0, pin_me
         chunks, batch_size=None, shuffle=False, num_workers=jobs, pin_memory=pin_memory,
         prefetch_factor=2 if jobs else None,
     )  # fmt: skip
-    yield from loader
+    try:
+        yield from loader
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        if not jobs or len(lines) < 2 or not lines[0].startswith("Caught "):
+            raise
+        # A worker's error arrives as "Caught X in DataLoader worker process k." + its traceback: re-raise it with
+        # its own message (the traceback's last line), so it names the file as it does without workers.
+        try:
+            plain = type(e)(lines[-1].partition(": ")[2] or lines[-1])
+        except Exception:  # an exception type that needs other arguments: keep torch's wrapped error
+            raise e from None
+        raise plain from e

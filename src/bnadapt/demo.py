@@ -126,9 +126,14 @@ def run_demo(out: str | os.PathLike[str] = "bnadapt-demo", n: int = 32, prior: f
     from .data import open_data
     from .report import write_report
 
+    out = Path(out)
+    # Checked before the (possibly minutes long) training, not after it.
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create {out.parent} first")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"expected a non-negative integer --seed, got {seed!r}")
     xtr, ytr, xte, yte = digits_data(seed)
     model = trained_digits_cnn(xtr, ytr, seed=seed)
-    out = Path(out)
     out.mkdir(exist_ok=True)
     for name in _OUTPUTS:
         (out / name).unlink(missing_ok=True)

@@ -165,7 +165,7 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"expected a state dict of tensors in {path} (optionally under 'state_dict' or 'model')")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
@@ -180,13 +180,22 @@ def _torch_load(path: Path, trust: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to unpickle {path}: it holds Python objects, not only tensors, and unpickling runs code; "
-            "pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({reason})") from e
+        if not trust:
+            raise ValueError(
+                f"refusing to unpickle {path}: it holds Python objects, not only tensors, and unpickling runs code; "
+                "pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source"
+            ) from e
+        raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
+    except Exception as e:  # a damaged file fails deep in the unpickler in many ways (KeyError, IndexError, ...)
+        raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an error's message, with its type when the message alone says little (``KeyError: 101``)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if text and isinstance(e, (RuntimeError, OSError, ValueError)):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_checkpoint_into(net: nn.Module, path: str | os.PathLike[str], trust: bool = False) -> nn.Module:

@@ -11,6 +11,8 @@ flight. Accuracies are fractions (0..1); only human-facing tables show percentag
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -26,12 +28,17 @@ from .metrics import ALEXNET, Baseline, mce
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESULTS", "SUMMARY", "Journal", "read_results", "row_key", "summarize", "write_summary"]
+__all__ = ["RESULTS", "SUMMARY", "Journal", "OutOfSpaceError", "read_results", "row_key", "summarize", "write_summary"]
 
 RESULTS = "results.jsonl"
 LOCK = ".bnadapt.lock"
 SUMMARY = "summary.json"
 KEY_FIELDS = ("model", "method", "n", "seed", "corruption", "severity")
+_ROW_FIELDS = ("method", "n", "seed", "corruption", "severity", "accuracy")  # what summaries read (model: optional)
+
+
+class OutOfSpaceError(OSError):
+    """The disk (or quota) filled up while writing results; what was written before is intact."""
 
 
 def row_key(row: dict) -> tuple:
@@ -76,7 +83,9 @@ def _read(path: Path) -> tuple[list[dict], list[dict], int, bool, list[int]]:
             obj = json.loads(line)
         except ValueError:
             obj = None
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict) or not (
+            isinstance(obj.get("header"), dict) if "header" in obj else all(k in obj for k in _ROW_FIELDS)
+        ):  # not JSON, or not a header or a row (e.g. a foreign line): summaries would fail on it
             where = "last line" if not data[pos:].strip() else f"line {i + 1}"
             log.warning("ignoring a corrupt %s of %s (an interrupted write?); the rest is kept", where, path)
             continue
@@ -160,11 +169,29 @@ class Journal:
                 f.truncate(good)
 
     def _write(self, objs: Iterable[dict]) -> None:
-        text = "".join(json.dumps(o, sort_keys=False, default=str) + "\n" for o in objs)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(o, sort_keys=False, default=str) + "\n" for o in objs).encode()
+        # Unbuffered, so a failed write leaves nothing queued that a later close() could still flush.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as e:
+                # A half-written cell (disk full, quota) would read back as a corrupt line: cut it off so the file
+                # keeps exactly the finished cells.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OutOfSpaceError(
+                        f"expected space to write {self.path}, got '{os.strerror(e.errno)}'; the finished cells "
+                        "are kept: free some space and rerun with --resume"
+                    ) from e
+                raise
+        finally:
+            os.close(fd)
 
     def append(self, rows: list[dict]) -> None:
         """Append the rows of one finished cell in one write, flushed and fsynced."""

@@ -192,9 +192,13 @@ def corrupt(
     x, back, single = _as_uint8_nhwc(images)
     n = x.shape[0]
     if indices is None:
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"expected start to be a non-negative integer image index, got {start!r}")
         indices = range(start, start + n)
     elif len(indices) != n:
         raise ValueError(f"expected one index per image ({n}), got {len(indices)} indices")
+    elif n and min(indices) < 0:
+        raise ValueError(f"expected non-negative image indices, got {min(indices)}")
     entry = _REGISTRY[name]
     grey = x.shape[-1] == 1
     if grey and entry.rgb_only:

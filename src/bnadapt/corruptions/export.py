@@ -100,41 +100,60 @@ def _write_manifest(out: Path, plan: ExportPlan, force: bool) -> None:
         tmp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-def _cifar_cell(args: tuple) -> tuple[str, int, np.ndarray]:
-    x, name, severity, profile, seed = args
-    parts = [corrupt(x[s : s + _CHUNK], name, severity, profile, seed, start=s) for s in range(0, len(x), _CHUNK)]
-    return name, severity, np.concatenate(parts)
+_SOURCE = None  # the clean set a worker process reads (set once per worker by _run's initializer)
+_BLOCK_BYTES = 4 << 20  # images per cifar-c task: large enough to amortise the process hop, small for memory
+
+
+def _set_source(source) -> None:
+    global _SOURCE
+    _SOURCE = source
+
+
+def _cifar_block(args: tuple) -> np.ndarray:
+    name, severity, start, stop, profile, seed = args
+    x = _SOURCE.get(np.arange(start, stop))
+    return corrupt(x, name, severity, profile, seed, start=start)
 
 
 def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int, int], None] | None) -> list[Path]:
-    x, y = read_images(plan.source)
-    if y is None:
-        raise ValueError(
-            f"expected labels with the images (an .npz with 'y', or class sub-folders), got none: {plan.source}"
-        )
-    if x.shape[-1] != 3:
-        raise ValueError(f"expected RGB images for the cifar-c layout, got {x.shape[-1]} channel(s)")
+    from ..data import open_clean
+
+    try:
+        source = open_clean(plan.source)
+    except ValueError as e:
+        raise ValueError(f"{e}; the cifar-c layout needs labels (an .npz with 'y', or class sub-folders)") from None
+    n = len(source)
+    first = source.get(np.array([0]))[0]
+    if first.shape[-1] != 3:
+        raise ValueError(f"expected RGB images for the cifar-c layout, got {first.shape[-1]} channel(s)")
     labels = out / "labels.npy"
     if not labels.is_file():
         with atomic_path(labels) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.tile(y, len(plan.severities)))
+            np.save(f, np.tile(source.labels, len(plan.severities)))
     todo = [c for c in plan.corruptions if not (out / f"{c}.npy").is_file()]
     done = [out / f"{c}.npy" for c in plan.corruptions if c not in todo]
-    total = len(plan.corruptions) * len(plan.severities) * len(x)
+    total = len(plan.corruptions) * len(plan.severities) * n
     if progress:
-        progress(len(done) * len(plan.severities) * len(x), total)
-    tasks = [(x, c, s, plan.profile, plan.seed) for c in todo for s in plan.severities]
-    blocks: dict[str, dict[int, np.ndarray]] = {c: {} for c in todo}
-    for name, severity, y_cell in _run(_cifar_cell, tasks, jobs):
-        blocks[name][severity] = y_cell
-        if progress:
-            progress(len(x), total)
-        if len(blocks[name]) == len(plan.severities):
-            path = out / f"{name}.npy"
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, np.concatenate([blocks[name][s] for s in plan.severities]))
-            del blocks[name]
-            done.append(path)
+        progress(len(done) * len(plan.severities) * n, total)
+    # Each corruption's file is streamed block by block, in severity order, so memory stays bounded whatever the
+    # dataset size (only an .npz source is held whole, as numpy reads it).
+    step = max(_CHUNK, _BLOCK_BYTES // first.nbytes)
+    for name in todo:
+        tasks = [(name, s, a, min(a + step, n), plan.profile, plan.seed) for s in plan.severities
+                 for a in range(0, n, step)]  # fmt: skip
+        path = out / f"{name}.npy"
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            shape = (len(plan.severities) * n, *first.shape)
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for block in _run(_cifar_block, tasks, jobs, initializer=_set_source, initargs=(source,)):
+                if block.shape[1:] != first.shape:
+                    raise ValueError(
+                        f"expected every image of {plan.source} to be {first.shape}, got {block.shape[1:]}"
+                    )
+                f.write(np.ascontiguousarray(block).tobytes())
+                if progress:
+                    progress(len(block), total)
+        done.append(path)
     return done
 
 
@@ -222,12 +241,15 @@ def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[
     return done
 
 
-def _run(fn, tasks: list, jobs: int):
-    """Map ``fn`` over tasks in order, in ``jobs`` worker processes (or inline for one job)."""
+def _run(fn, tasks: list, jobs: int, initializer=None, initargs: tuple = ()):
+    """Map ``fn`` over tasks in order, in ``jobs`` worker processes (or inline for one job); ``initializer`` runs
+    once per process (inline too) with ``initargs``."""
     if jobs <= 1 or len(tasks) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
         yield from map(fn, tasks)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=initializer, initargs=initargs) as pool:
         yield from pool.map(fn, tasks)
 
 
@@ -270,7 +292,15 @@ def export_corrupted(
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create {out.parent} first")
+    created = not out.exists()
     out.mkdir(exist_ok=True)
     _write_manifest(out, plan, force)
     export = _export_cifar if format == "cifar-c" else _export_imagenet
-    return export(plan, out, max(1, int(jobs)), progress)
+    try:
+        return export(plan, out, max(1, int(jobs)), progress)
+    except BaseException:
+        # A run that failed before writing anything (e.g. unreadable input) must not leave a manifest behind that
+        # would refuse the corrected rerun as "made with other options".
+        if created and {p.name for p in out.iterdir()} <= {MANIFEST}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
