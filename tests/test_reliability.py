@@ -152,3 +152,23 @@ def test_autocast_never_lowers_stored_statistics_precision(dtype):
         assert mixed.mean[name].dtype == m.running_mean.dtype == m.running_var.dtype == torch.float32
         # Low-precision convolutions move the statistics a little, never to another scale.
         torch.testing.assert_close(mixed.mean[name], plain.mean[name], rtol=0.05, atol=0.05)
+
+
+def test_links_outside_the_input_followed_only_when_asked_and_outputs_stay_inside(tmp_path, caplog):
+    from PIL import Image
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "in" / "a" / "x.png")
+    Image.new("RGB", (32, 32), (200, 20, 30)).save(tmp_path / "elsewhere" / "secret.png")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "b")  # a class folder that is a link to outside the input
+    argv = ["corrupt", "--input", str(tmp_path / "in"), "--profile", "cifar", "--format", "imagenet-c", "--no-resize",
+            "--corruptions", "contrast", "--severities", "1", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "o1")]) == 0
+    written = sorted(p.relative_to(tmp_path / "o1").as_posix() for p in (tmp_path / "o1").rglob("*.JPEG"))
+    assert written == ["contrast/1/a/x.JPEG"] and "links outside" in caplog.text
+    assert main([*argv, "--out", str(tmp_path / "o2"), "--follow-links"]) == 0
+    written = sorted(p.relative_to(tmp_path / "o2").as_posix() for p in (tmp_path / "o2").rglob("*.JPEG"))
+    # Named after the link inside the input, never after where it points: nothing is written outside --out.
+    assert written == ["contrast/1/a/x.JPEG", "contrast/1/b/secret.JPEG"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "in", "o1", "o2"]

@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default: md)")
     p.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE")
     p.add_argument("--no-plots", action="store_true", help="tables only")  # fmt: skip
+    for name in ("adapt", "corrupt", "bench", "sweep"):
+        sub.choices[name].add_argument(
+            "--follow-links",
+            action="store_true",
+            help="read symlinked files and folders that point outside the input folder (skipped by default)",
+        )
     return parser
 
 
@@ -463,8 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bnadapt: %(message)s")
+    from .data import follow_outside_links
+
     try:
-        return COMMANDS[args.command](args)
+        with follow_outside_links(getattr(args, "follow_links", False)):
+            return COMMANDS[args.command](args)
     except USER_ERRORS as e:
         if args.verbose:
             raise

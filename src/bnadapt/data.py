@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ __all__ = [
     "as_uint8_nhwc",
     "to_float_nchw",
     "read_images",
+    "follow_outside_links",
     "list_image_files",
     "ArrayImages",
     "BenchData",
@@ -82,15 +86,36 @@ def to_float_nchw(images) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def list_image_files(root: Path, allow_outside_links: bool = False) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted); symlinks pointing outside ``root`` are skipped with a warning."""
+_OUTSIDE_LINKS: ContextVar[bool] = ContextVar("bnadapt_outside_links", default=False)
+
+
+@contextmanager
+def follow_outside_links(allow: bool = True) -> Iterator[None]:
+    """Within this block, folder readers follow symlinks that point outside the input folder (``--follow-links``).
+
+    Example:
+        >>> with follow_outside_links():
+        ...     files = list_image_files(Path("."))
+    """
+    token = _OUTSIDE_LINKS.set(allow)
+    try:
+        yield
+    finally:
+        _OUTSIDE_LINKS.reset(token)
+
+
+def list_image_files(root: Path, allow_outside_links: bool | None = None) -> list[Path]:
+    """Image files under ``root`` (recursive, sorted); symlinks pointing outside ``root`` are skipped with a warning
+    unless ``allow_outside_links`` (default: as set by :func:`follow_outside_links`, else no)."""
+    if allow_outside_links is None:
+        allow_outside_links = _OUTSIDE_LINKS.get()
     root = root.resolve()
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         here = Path(dirpath)
         if not allow_outside_links and not here.resolve().is_relative_to(root):
-            log.warning("skipping %s: it links outside the input folder %s", here, root)
+            log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", here, root)
             dirnames.clear()
             continue
         for name in sorted(filenames):
@@ -98,7 +123,7 @@ def list_image_files(root: Path, allow_outside_links: bool = False) -> list[Path
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if not allow_outside_links and not p.resolve().is_relative_to(root):
-                log.warning("skipping %s: it links outside the input folder %s", p, root)
+                log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", p, root)
                 continue
             files.append(p)
     return files
