@@ -7,6 +7,7 @@ records the options; a rerun with other options into the same folder is refused 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,22 +139,26 @@ def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[in
     # Each corruption's file is streamed block by block, in severity order, so memory stays bounded whatever the
     # dataset size (only an .npz source is held whole, as numpy reads it).
     step = max(_CHUNK, _BLOCK_BYTES // first.nbytes)
-    for name in todo:
-        tasks = [(name, s, a, min(a + step, n), plan.profile, plan.seed) for s in plan.severities
-                 for a in range(0, n, step)]  # fmt: skip
-        path = out / f"{name}.npy"
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            shape = (len(plan.severities) * n, *first.shape)
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for block in _run(_cifar_block, tasks, jobs, initializer=_set_source, initargs=(source,)):
-                if block.shape[1:] != first.shape:
-                    raise ValueError(
-                        f"expected every image of {plan.source} to be {first.shape}, got {block.shape[1:]}"
-                    )
-                f.write(np.ascontiguousarray(block).tobytes())
-                if progress:
-                    progress(len(block), total)
-        done.append(path)
+    starts = range(0, n, step)
+    tasks = [(c, s, a, min(a + step, n), plan.profile, plan.seed)
+             for c in todo for s in plan.severities for a in starts]  # fmt: skip
+    # One pool for every file, its results consumed in order: the workers never idle between corruptions.
+    with contextlib.closing(_run(_cifar_block, tasks, jobs, initializer=_set_source, initargs=(source,))) as blocks:
+        for name in todo:
+            path = out / f"{name}.npy"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                shape = (len(plan.severities) * n, *first.shape)
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for _ in range(len(plan.severities) * len(starts)):
+                    block = next(blocks)
+                    if block.shape[1:] != first.shape:
+                        raise ValueError(
+                            f"expected every image of {plan.source} to be {first.shape}, got {block.shape[1:]}"
+                        )
+                    f.write(np.ascontiguousarray(block).tobytes())
+                    if progress:
+                        progress(len(block), total)
+            done.append(path)
     return done
 
 
@@ -249,8 +254,11 @@ def _run(fn, tasks: list, jobs: int, initializer=None, initargs: tuple = ()):
             initializer(*initargs)
         yield from map(fn, tasks)
         return
-    with ProcessPoolExecutor(max_workers=jobs, initializer=initializer, initargs=initargs) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=initializer, initargs=initargs)
+    try:
         yield from pool.map(fn, tasks)
+    finally:  # on an error or an interrupt, drop the queued tasks instead of finishing them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def export_corrupted(
