@@ -57,8 +57,12 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Random, span: float) -> dict:
-    """Start ``args``, stop it at random moments (``kills`` times at most), rerun with ``resume`` until it exits 0."""
+def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Random, span: float, out: Path) -> dict:
+    """Start ``args``, stop it at random moments (``kills`` times at most), rerun with ``resume`` until it exits 0.
+
+    SIGINT is sent only once ``out`` exists: a Ctrl-C while Python is still importing torch, before bnadapt's code
+    runs, ends in Python's own KeyboardInterrupt traceback (nothing is written by then); SIGKILL can come any time.
+    """
     stopped = {"SIGKILL": 0, "SIGINT": 0}
     bad_sigint = 0
     runs = 0
@@ -72,7 +76,7 @@ def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Ran
             try:
                 proc.wait(timeout=rng.uniform(0.3, span))
             except subprocess.TimeoutExpired:
-                sig = rng.choice([signal.SIGKILL, signal.SIGINT])
+                sig = rng.choice([signal.SIGKILL, signal.SIGINT]) if out.exists() else signal.SIGKILL
                 proc.send_signal(sig)
                 _, err = proc.communicate()
                 stopped[sig.name] += 1
@@ -119,7 +123,7 @@ def part_kill(tmp: Path, kills: int, rng: random.Random) -> list[dict]:
         if r.returncode != 0:
             raise RuntimeError(f"{label}: reference run failed: {r.stderr.strip()[-500:]}")
         span = min(span, time.perf_counter() - t0)
-        stats = _interrupted([*args, "--out", str(got)], resume, kills, rng, span)
+        stats = _interrupted([*args, "--out", str(got)], resume, kills, rng, span, got)
         if kind == "rows":
             a, b = _rows(ref), _rows(got)
             same = a == b and len({t[:6] for t in b}) == len(b)

@@ -466,12 +466,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["adapt", "--model", "nope", "--images", "x.npz", "--out", "y.pt"])  # doctest: +SKIP
         2
     """
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: a Ctrl-C here is a clean stop too
+    except KeyboardInterrupt:
+        print("bnadapt: interrupted before starting; nothing was written", file=sys.stderr)
+        return 130
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bnadapt: %(message)s")
-    from .data import follow_outside_links
-
     try:
+        from .data import follow_outside_links
+
         with follow_outside_links(getattr(args, "follow_links", False)):
             return COMMANDS[args.command](args)
     except USER_ERRORS as e:
