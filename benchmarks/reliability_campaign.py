@@ -57,11 +57,24 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _written_since(out: Path, t: float) -> bool:
+    """Whether anything under ``out`` was modified at or after ``t`` (files come and go while a run writes)."""
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in dirnames + filenames:
+            try:
+                if os.stat(os.path.join(dirpath, name)).st_mtime >= t:
+                    return True
+            except FileNotFoundError:
+                continue
+    return False
+
+
 def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Random, span: float, out: Path) -> dict:
     """Start ``args``, stop it at random moments (``kills`` times at most), rerun with ``resume`` until it exits 0.
 
-    SIGINT is sent only once ``out`` exists: a Ctrl-C while Python is still importing torch, before bnadapt's code
-    runs, ends in Python's own KeyboardInterrupt traceback (nothing is written by then); SIGKILL can come any time.
+    SIGINT is sent only once this run has written under ``out``: a Ctrl-C while Python is still importing torch,
+    before bnadapt's code runs, ends in Python's own KeyboardInterrupt traceback (nothing is written by then);
+    SIGKILL can come any time.
     """
     stopped = {"SIGKILL": 0, "SIGINT": 0}
     bad_sigint = 0
@@ -69,6 +82,7 @@ def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Ran
     first = True
     while True:
         runs += 1
+        started = time.time()
         proc = subprocess.Popen([*BNADAPT, *args, *([] if first else resume)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         first = False
@@ -76,7 +90,8 @@ def _interrupted(args: list[str], resume: list[str], kills: int, rng: random.Ran
             try:
                 proc.wait(timeout=rng.uniform(0.3, span))
             except subprocess.TimeoutExpired:
-                sig = rng.choice([signal.SIGKILL, signal.SIGINT]) if out.exists() else signal.SIGKILL
+                wrote = _written_since(out, started)
+                sig = rng.choice([signal.SIGKILL, signal.SIGINT]) if wrote else signal.SIGKILL
                 proc.send_signal(sig)
                 _, err = proc.communicate()
                 stopped[sig.name] += 1
