@@ -6,12 +6,14 @@ cover one case of each kind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +174,48 @@ def test_links_outside_the_input_followed_only_when_asked_and_outputs_stay_insid
     # Named after the link inside the input, never after where it points: nothing is written outside --out.
     assert written == ["contrast/1/a/x.JPEG", "contrast/1/b/secret.JPEG"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "in", "o1", "o2"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find worker processes")
+def test_corrupt_workers_exit_when_the_main_process_is_killed(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (3000, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", x=x, y=np.arange(3000) % 10)
+    proc = subprocess.Popen([sys.executable, "-m", "bnadapt", "corrupt", "--input", str(tmp_path / "in.npz"),
+                             "--profile", "cifar", "--format", "cifar-c", "--out", str(tmp_path / "o"), "-j", "2",
+                             "--corruptions", "blur", "--no-progress"], stderr=subprocess.DEVNULL)  # fmt: skip
+    workers: list[int] = []
+    try:
+        t0 = time.monotonic()
+        while len(workers := _children(proc.pid)) < 2 and time.monotonic() - t0 < 60 and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the worker processes never started"
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        while any(_alive(w) for w in workers) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "workers outlived the killed main process"
+    finally:  # never leave processes behind, whatever failed
+        proc.kill()
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)

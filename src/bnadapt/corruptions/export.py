@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -254,11 +256,25 @@ def _run(fn, tasks: list, jobs: int, initializer=None, initargs: tuple = ()):
             initializer(*initargs)
         yield from map(fn, tasks)
         return
-    pool = ProcessPoolExecutor(max_workers=jobs, initializer=initializer, initargs=initargs)
+    setup = (os.getpid(), initializer, initargs)
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=setup)
     try:
         yield from pool.map(fn, tasks)
     finally:  # on an error or an interrupt, drop the queued tasks instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int, initializer, initargs: tuple) -> None:
+    # A pool's workers wait for tasks forever: if the main process is killed (kill -9, OOM killer) they would stay
+    # behind, holding memory. A watchdog ends a worker once its parent is gone.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def export_corrupted(
