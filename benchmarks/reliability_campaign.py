@@ -137,10 +137,11 @@ def part_kill(tmp: Path, kills: int, rng: random.Random) -> list[dict]:
              f"generate:cifar:{tmp / 'in.npz'}", "--corruptions", "noise", "digital", "--methods",
              "source,replace,prior", "--n", "16", "--seeds", "0,1", "--no-progress", "--no-plots"]  # fmt: skip
     cases = [
-        ("bench (generate:cifar, 41 cells)", bench, ["--resume"], "rows", 6.0),
-        ("corrupt --format cifar-c (8 corruptions)", ["corrupt", "--input", str(tmp / "in.npz"), "--profile", "cifar",
-         "--format", "cifar-c", "--corruptions", "noise", "digital", "--no-progress", "-j", "2"], [], "bytes", 4.0),
-        ("corrupt --format imagenet-c (folder, 4 corruptions)", ["corrupt", "--input", str(folder), "--profile",
+        ("bench (generate:cifar, 36 cells, 5 variants)", bench, ["--resume"], "rows", 6.0),
+        ("corrupt --format cifar-c -j 2 (7 corruptions)", ["corrupt", "--input", str(tmp / "in.npz"), "--profile",
+         "cifar", "--format", "cifar-c", "--corruptions", "noise", "digital", "--no-progress", "-j", "2"], [], "bytes",
+         4.0),
+        ("corrupt --format imagenet-c (folder, 3 corruptions)", ["corrupt", "--input", str(folder), "--profile",
          "imagenet", "--format", "imagenet-c", "--no-resize", "--corruptions", "noise", "--no-progress"], [], "bytes",
          4.0),
     ]  # fmt: skip
@@ -175,7 +176,7 @@ def part_disk(tmp: Path) -> list[dict]:
         return [{"case": "bench into a full tmpfs", "result": "skipped: needs root to mount a tmpfs", "ok": True}]
     mnt = tmp / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mnt)]).returncode != 0:
         return [{"case": "bench into a full tmpfs", "result": "skipped: mount failed", "ok": True}]
     try:
         x = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
@@ -198,7 +199,7 @@ def part_disk(tmp: Path) -> list[dict]:
         same = r2.returncode == 0 and ref.returncode == 0 and _rows(roomy) == _rows(tmp / "ref_disk")
         keys = set(_rows(roomy))
         kept = all(t in keys for t in rows_full)
-        return [{"case": "bench into a 24 KiB tmpfs", "result": f"exit {r.returncode}: {lines[-1] if lines else ''}; "
+        return [{"case": "bench into a 12 KiB tmpfs", "result": f"exit {r.returncode}: {lines[-1] if lines else ''}; "
                  f"{len(rows_full)} rows kept intact; resumed elsewhere: {'equal' if same else 'DIFFERENT'} to an "
                  "uninterrupted run", "ok": bool(ok and same and kept)}]  # fmt: skip
     finally:
