@@ -219,6 +219,11 @@ def cli_setup(tmp_path, resnet20_checkpoint):
     return tmp_path
 
 
+def _refused(cli_setup, argv: list[str], extra: list[str], match: str) -> None:
+    """``argv`` with the ``extra`` flag values (``{p}`` = the setup folder) ends in a one-line usage error."""
+    _assert_usage_error(*_run(_with(argv, [e.format(p=cli_setup) for e in extra])), match)
+
+
 def _with(argv: list[str], extra: list[str]) -> list[str]:
     """``argv`` with each ``--flag value`` of ``extra`` replacing the flag's value, or appended."""
     argv = list(argv)
@@ -272,8 +277,7 @@ BENCH_CASES = [("bench", e, m) for e, m in BENCH_BAD] + [
     ("command", "extra", "match"), BENCH_CASES, ids=[f"{c} {' '.join(e)}" for c, e, _ in BENCH_CASES]
 )
 def test_bench_bad_values(cli_setup, command, extra, match):
-    argv = _with(_bench(cli_setup, command), [e.format(p=cli_setup) for e in extra])
-    _assert_usage_error(*_run(argv), match)
+    _refused(cli_setup, _bench(cli_setup, command), extra, match)
     assert not (cli_setup / "o").exists()  # refused before any output was written
 
 
@@ -298,8 +302,7 @@ ADAPT_BAD = [
 
 @pytest.mark.parametrize(("extra", "match"), ADAPT_BAD, ids=[" ".join(e) for e, _ in ADAPT_BAD])
 def test_adapt_bad_values(cli_setup, extra, match):
-    argv = _with(_adapt(cli_setup), [e.format(p=cli_setup) for e in extra])
-    _assert_usage_error(*_run(argv), match)
+    _refused(cli_setup, _adapt(cli_setup), extra, match)
     assert not list(cli_setup.glob("o.*")) and not list(cli_setup.glob(".o.*"))
 
 
@@ -321,8 +324,7 @@ CORRUPT_BAD = [
 
 @pytest.mark.parametrize(("extra", "match"), CORRUPT_BAD, ids=[" ".join(e) for e, _ in CORRUPT_BAD])
 def test_corrupt_bad_values(cli_setup, extra, match):
-    argv = _with(_corrupt(cli_setup), [e.format(p=cli_setup) for e in extra])
-    _assert_usage_error(*_run(argv), match)
+    _refused(cli_setup, _corrupt(cli_setup), extra, match)
     assert not (cli_setup / "o").exists()
 
 

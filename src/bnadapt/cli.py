@@ -435,11 +435,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 130
     finally:
         bar.close()
-    write_report(args.out, "md", baseline, plots=not args.no_plots)
-    summary, rows = build_summary(args.out, baseline)
-    _print_summary(summary)
+    loaded = build_summary(args.out, baseline)
+    write_report(args.out, "md", baseline, plots=not args.no_plots, loaded=loaded)
+    _print_summary(loaded.summary)
     print(
-        f"\n{len(rows)} results in {args.out} (results.jsonl, summary.json, report.md) in "
+        f"\n{len(loaded.rows)} results in {args.out} (results.jsonl, summary.json, report.md) in "
         f"{time.perf_counter() - t0:.0f}s"
     )
     return 0

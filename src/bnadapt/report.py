@@ -14,6 +14,7 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ._io import atomic_path
 from .corruptions import COMMON, EXTRA
@@ -23,7 +24,7 @@ from .results import read_results, summarize, write_summary
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "build_summary", "markdown", "write_plots", "write_report"]
+__all__ = ["FORMATS", "Loaded", "build_summary", "markdown", "write_plots", "write_report"]
 
 FORMATS = ("md", "csv", "json")
 ABBR = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
@@ -33,13 +34,21 @@ ABBR = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul
         "saturate": "satur"}  # fmt: skip
 
 
-def build_summary(out: str | os.PathLike[str], baseline: Baseline | None = None) -> tuple[list[dict], list[dict]]:
-    """(summary, rows) of a results folder; mCE uses ``baseline``, or AlexNet for ImageNet-C data."""
+class Loaded(NamedTuple):
+    """A results folder read once: its run headers, its summary and its rows."""
+
+    headers: list[dict]
+    summary: list[dict]
+    rows: list[dict]
+
+
+def build_summary(out: str | os.PathLike[str], baseline: Baseline | None = None) -> Loaded:
+    """Read a results folder and summarise it; mCE uses ``baseline``, or AlexNet for ImageNet-C data."""
     headers, rows = read_results(out)
     if not rows:
         raise ValueError(f"expected result rows in {Path(out)}, got none; the run finished no cell yet")
     imagenet = any((h.get("data") or {}).get("kind") == "imagenet-c" for h in headers)
-    return summarize(rows, baseline, imagenet=imagenet), rows
+    return Loaded(headers, summarize(rows, baseline, imagenet=imagenet), rows)
 
 
 def _name(s: dict, many_models: bool) -> str:
@@ -123,11 +132,12 @@ def _write(path: Path, text: str) -> Path:
 
 
 def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baseline | None = None,
-                 plots: bool = True) -> list[Path]:  # fmt: skip
+                 plots: bool = True, loaded: Loaded | None = None) -> list[Path]:  # fmt: skip
     """Regenerate the reports of a results folder from its ``results.jsonl``; returns the files written.
 
     ``json``: ``summary.json``; ``md``: also ``report.md`` and the PNG plots; ``csv``: also ``results.csv`` (tidy
-    rows) and ``table.csv`` (one row per method, one column per corruption; fractions).
+    rows) and ``table.csv`` (one row per method, one column per corruption; fractions). ``loaded``: the folder as
+    :func:`build_summary` already read it (with the same ``baseline``), so it is not read again.
 
     Example:
         >>> write_report("runs/r20", "md")  # doctest: +SKIP
@@ -136,10 +146,9 @@ def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baselin
     if fmt not in FORMATS:
         raise ValueError(f"expected --format to be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
-    summary, rows = build_summary(out, baseline)
+    headers, summary, rows = loaded or build_summary(out, baseline)
     written = [write_summary(out, summary)]
     if fmt == "md":
-        headers, _ = read_results(out)
         written.append(_write(out / "report.md", markdown(summary, headers) + _plot_section(out, summary, rows, plots)))
         written += [out / p for p in _PLOTS if (out / p).is_file() and plots]
     elif fmt == "csv":
