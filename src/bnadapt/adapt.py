@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +33,13 @@ __all__ = [
     "adapt",
     "is_online",
     "method_names",
+    "method_options",
     "method_uses_images",
+    "parse_options",
     "AdaptConfig",
     "register_method",
     "sample_indices",
+    "unregister_method",
 ]
 
 
@@ -53,6 +57,7 @@ class AdaptConfig:
     momentum: float = 0.1
     batch_size: int = 256
     device: torch.device | str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # the method's own options, defaults filled in
 
 
 # A method: (model copy, target images or None, config, selected BN layer names) -> adapted model.
@@ -64,24 +69,104 @@ class _MethodEntry:
     fn: Method
     images: str  # "required", "optional" (used when given) or "unused"
     online: bool  # adapts while it runs inference: no fixed statistics to save
+    options: Mapping[str, Any]  # name -> default; the default's type is the option's type
 
 
 _METHODS: dict[str, _MethodEntry] = {}
 
 
-def register_method(name: str, images: str = "required", online: bool = False) -> Callable[[Method], Method]:
+def register_method(
+    name: str, images: str = "required", online: bool = False, options: Mapping[str, Any] | None = None
+) -> Callable[[Method], Method]:
     """Add an adaptation method to the registry under ``name`` (used by :func:`adapt`, the CLI and benchmarks).
 
     ``images`` says whether the method needs target images ("required"), uses them when given ("optional"), or
     never looks at them ("unused"); ``online`` methods keep adapting during inference, so they have no fixed
-    statistics to save.
+    statistics to save. ``options`` maps the method's own option names to defaults (their types are the options'
+    types); the method reads them from ``cfg.options``.
+
+    Example:
+        >>> @register_method("my-noop", images="unused", options={"strength": 1.0})
+        ... def my_noop(model, images, cfg, layers):
+        ...     return model
+        >>> method_options("my-noop")
+        {'strength': 1.0}
+        >>> unregister_method("my-noop")
     """
+    if images not in ("required", "optional", "unused"):
+        raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _METHODS[name] = _MethodEntry(fn, images, online)
+        _METHODS[name] = _MethodEntry(fn, images, online, dict(options or {}))
         return fn
 
     return deco
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added by :func:`register_method` (for tests and plugins)."""
+    _METHODS.pop(name, None)
+
+
+def _entry(name: str) -> _MethodEntry:
+    if name not in _METHODS:
+        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
+    return _METHODS[name]
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options method ``name`` accepts, with their defaults.
+
+    Example:
+        >>> method_options("replace")
+        {}
+    """
+    return dict(_entry(name).options)
+
+
+def parse_options(methods: Iterable[str], items: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``key=value`` options (or a mapping) against what ``methods`` accept; values get the defaults' types.
+
+    An option applies to every given method that declares it; one no given method declares is refused.
+
+    Example:
+        >>> parse_options(["replace"], [])
+        {}
+    """
+    accepted: dict[str, Any] = {}
+    for m in methods:
+        accepted.update(_entry(m).options)
+    pairs = items.items() if isinstance(items, Mapping) else [_split_option(t) for t in items]
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            raise ValueError(f"expected an option of method(s) {', '.join(methods)} (accepted: {known}), got {key!r}")
+        out[key] = _coerce(key, value, accepted[key])
+    return out
+
+
+def _split_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected a method option as key=value (e.g. lr=0.001), got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if default is None or isinstance(value, kind) and not (kind is float and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected option {key} to be a {kind.__name__} (like {default!r}), got {value!r}") from None
 
 
 def method_names() -> list[str]:
@@ -96,9 +181,7 @@ def method_names() -> list[str]:
 
 def is_online(name: str) -> bool:
     """Whether method ``name`` adapts during inference (``test-batch``, ``ema``) rather than once, up front."""
-    if name not in _METHODS:
-        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
-    return _METHODS[name].online
+    return _entry(name).online
 
 
 def method_uses_images(name: str) -> bool:
@@ -108,9 +191,7 @@ def method_uses_images(name: str) -> bool:
         >>> method_uses_images("replace"), method_uses_images("source")
         (True, False)
     """
-    if name not in _METHODS:
-        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
-    return _METHODS[name].images != "unused"
+    return _entry(name).images != "unused"
 
 
 def sample_indices(total: int, n: int, seed: int | None) -> np.ndarray:
@@ -171,6 +252,7 @@ def adapt(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     inplace: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose BatchNorm statistics are adapted to ``images`` by ``method``.
 
@@ -190,6 +272,7 @@ def adapt(
         batch_size: micro-batch for estimating statistics (results are exact for any value).
         device: where to estimate (default: the model's device).
         inplace: adapt ``model`` itself instead of a copy.
+        options: the method's own options (:func:`method_options`), e.g. ``{"lr": 1e-3}`` for ``tent``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
@@ -197,8 +280,7 @@ def adapt(
         >>> bool(adapted[1].running_var.equal(net[1].running_var))  # the caller's model is untouched
         False
     """
-    if method not in _METHODS:
-        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {method!r}")
+    entry = _entry(method)
     if part not in ("both", "mean", "var"):
         raise ValueError(f"expected part to be one of both, mean, var; got {part!r}")
     if not prior >= 0:  # also refuses NaN
@@ -211,9 +293,9 @@ def adapt(
     if not found:
         raise ValueError("expected a model with BatchNorm layers (with running statistics), got none to adapt")
     patterns = (layers,) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
-    cfg = AdaptConfig(n, seed, float(prior), part, patterns, first, last, float(momentum), batch_size, device)
+    opts = {**entry.options, **parse_options([method], options or {})}
+    cfg = AdaptConfig(n, seed, float(prior), part, patterns, first, last, float(momentum), batch_size, device, opts)
     selected = select_layers(found, patterns, first, last)
-    entry = _METHODS[method]
     target = None
     if entry.images == "required" and images is None:
         raise ValueError(f"expected target images for method {method!r}, got none")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapt import adapt, is_online, method_names, method_uses_images, sample_indices
+from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
 from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of, to_float_nchw
 from .metrics import Accuracy
 from .results import Journal, read_results
@@ -43,7 +43,8 @@ class BenchConfig:
     """What to run: methods, sample sizes ``ns``, adaptation ``seeds``, and how (batch, workers, device, precision).
 
     ``adapt_on``: ``"corruption:severity"`` (or ``"clean"``) to adapt on that one cell and evaluate on every cell.
-    ``prior``/``part`` are passed to :func:`bnadapt.adapt`.
+    ``prior``/``part``/``first``/``last`` are passed to :func:`bnadapt.adapt`; ``options`` are the methods' own
+    options (each method gets those it declares).
     """
 
     methods: tuple[str, ...] = ("source", "replace")
@@ -58,6 +59,9 @@ class BenchConfig:
     part: str = "both"
     adapt_on: str | None = None
     extra: dict = field(default_factory=dict)  # recorded in the header (e.g. the --clean set)
+    first: int | None = None
+    last: int | None = None
+    options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in method_names()]
@@ -73,6 +77,11 @@ class BenchConfig:
             raise ValueError(f"expected a prior strength --prior >= 0, got {self.prior}")
         if self.adapt_on is not None:
             parse_cell(self.adapt_on)
+        if self.first is not None and self.last is not None:
+            raise ValueError(f"expected --first or --last, not both; got --first {self.first} --last {self.last}")
+        if any(k is not None and k < 1 for k in (self.first, self.last)):
+            raise ValueError(f"expected --first/--last K >= 1, got {self.first or self.last}")
+        parse_options(self.methods, self.options)
 
 
 Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
@@ -130,6 +139,10 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
     prep = {name: getattr(m, "preprocessing", None) for name, m in models.items()}
     fingerprint = {"models": prep, "data": str(data.spec), "corrupt_seed": data.seed, "prior": config.prior,
                    "part": config.part, "adapt_on": config.adapt_on, "amp": config.amp, **config.extra}  # fmt: skip
+    # Only when set, so that results of earlier versions stay resumable.
+    fingerprint.update({k: v for k, v in (("first", config.first), ("last", config.last)) if v is not None})
+    if config.options:
+        fingerprint["options"] = dict(sorted(parse_options(config.methods, config.options).items()))
     return {
         "command": list(command) if command is not None else None,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -287,8 +300,9 @@ def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, dev
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
-    out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part,
-                batch_size=max(1, n), device=device)  # fmt: skip
+    options = {k: v for k, v in config.options.items() if k in method_options(method)}
+    out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part, first=config.first,
+                last=config.last, batch_size=max(1, n), device=device, options=options)  # fmt: skip
     return out, time.perf_counter() - t0
 
 

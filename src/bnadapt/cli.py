@@ -129,6 +129,10 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     )
     g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
+    depth = g.add_mutually_exclusive_group()
+    depth.add_argument("--first", type=_positive_int, metavar="K", help="adapt only the first K BN layers")
+    depth.add_argument("--last", type=_positive_int, metavar="K", help="adapt only the last K BN layers")
+    _add_option_arg(g)
     g.add_argument(
         "--adapt-on", metavar="CELL", help="adapt on this one cell (e.g. fog:3, or clean) and evaluate on every cell"
     )
@@ -162,6 +166,16 @@ def _advance(bar, step: int, total: int) -> None:
     bar.update(step)
 
 
+def _add_option_arg(g) -> None:
+    g.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method's own option, repeatable (e.g. --opt lr=0.001 for tent; see the methods' docs)",
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>")
@@ -186,6 +200,7 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
     depth = g.add_mutually_exclusive_group()
     depth.add_argument("--first", type=_positive_int, metavar="K", help="adapt only the first K BN layers")
     depth.add_argument("--last", type=_positive_int, metavar="K", help="adapt only the last K BN layers")
+    _add_option_arg(g)
     g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="micro-batch size (default: 256)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -246,7 +261,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
 
     from ._io import atomic_path
-    from .adapt import adapt, is_online
+    from .adapt import adapt, is_online, parse_options
     from .bn import BNStats, bn_layers
     from .data import read_images
     from .models import load_model
@@ -261,6 +276,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             f"expected a method that produces fixed statistics to save, got {args.method!r}, which adapts while it "
             "runs; use it from the library (bnadapt.adapt) or in bnadapt bench"
         )
+    options = parse_options([args.method], args.opt)
     model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint)
     x, _ = read_images(args.images)
     t0 = time.perf_counter()
@@ -268,6 +284,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         adapted = adapt(
             model.to(args.device), x, method=args.method, n=args.n, seed=args.seed, prior=args.prior,
             part=args.part, layers=args.layers, first=args.first, last=args.last, batch_size=args.batch_size,
+            options=options,
         )  # fmt: skip
     except RuntimeError as e:  # the network could not run on these images (size, channels)
         raise ValueError(
@@ -279,6 +296,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             "images": str(args.images)}  # fmt: skip
     if args.method == "prior":
         meta["prior"] = str(args.prior)
+    meta.update({f"option.{k}": str(v) for k, v in options.items()})
     if out.suffix == ".safetensors":
         stats = BNStats.from_model(adapted)
         stats.metadata.update(meta)
@@ -364,6 +382,7 @@ def _print_summary(summary: list[dict]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .adapt import method_names, parse_options
     from .benchmark import BenchConfig, run_benchmark
     from .corruptions import GROUPS
     from .data import open_data
@@ -405,6 +424,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.part,
         args.adapt_on,
         extra,
+        args.first,
+        args.last,
+        # Unknown methods are left to config.validate(), whose message names --methods.
+        parse_options([m for m in args.methods if m in method_names()], args.opt),
     )
     bar = _progress_bar(0, not args.no_progress, "cell")
 
