@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+from . import shrink as _shrink  # noqa: F401  (registers sequential and auto)
 from .adapt import adapt, method_names, register_method
 from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
