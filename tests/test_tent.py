@@ -129,6 +129,14 @@ def test_deepcopy_is_independent(tiny):
     torch.testing.assert_close(model(x), copy.deepcopy(adapt(tiny, method="tent", options={"lr": 0.05}))(x))
 
 
+def test_optimizer_state_follows_to(tiny):
+    model = adapt(tiny, method="tent", options={"lr": 0.05})
+    model(_images())  # Adam moments now exist, in float32
+    model.to(torch.float64)
+    assert model(_images().double()).dtype == torch.float64
+    assert all(v.dtype == torch.float64 for s in model.optimizer.state.values() for k, v in s.items() if k != "step")
+
+
 def test_images_give_a_starting_state_kept_by_episodic(tiny):
     x = _images(seed=1)
     model = adapt(tiny, _images(32), method="tent", n=32, options={"lr": 0.05, "episodic": True})
