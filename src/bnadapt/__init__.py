@@ -15,10 +15,12 @@ from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
 from .data import open_data, read_images, to_float_nchw
 from .models import load_model, model_names
+from .tent import Tent  # importing the module registers the tent method
 
 __all__ = [
     "BNStats",
     "BenchConfig",
+    "Tent",
     "adapt",
     "bn_layers",
     "corrupt",
