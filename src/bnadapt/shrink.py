@@ -212,12 +212,15 @@ SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 SELECT = ("im", "entropy", "none")
 
 
-@register_method("auto", options={"select": "im"})
+def _check_auto(options: dict) -> None:
+    if options["select"] not in SELECT:
+        raise ValueError(f"expected auto's option select to be one of {', '.join(SELECT)}, got {options['select']!r}")
+
+
+@register_method("auto", options={"select": "im"}, check=_check_auto)
 def _auto(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
     _sample_size_check(images)
     select = cfg.options["select"]
-    if select not in SELECT:
-        raise ValueError(f"expected auto's option select to be one of {', '.join(SELECT)}, got {select!r}")
     if select == "none":
         decide = _Shrink(cfg.part)
         estimate_in_order(model, images, layers, decide, cfg.batch_size, cfg.device)
