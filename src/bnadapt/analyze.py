@@ -33,7 +33,7 @@ from .benchmark import BenchConfig, parse_cell, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
 from .report import ABBR, _cells_by_group, _csv, _pct, _table, _write, pyplot, save_figure
-from .results import read_results
+from .results import RESULTS, read_results
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,12 @@ def run_analysis(
     if not out.parent.is_dir():
         raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create it first")
     root = out / analysis
+    finished = [d.name for d in sorted((root / "runs").glob("*")) if (d / RESULTS).is_file()]
+    if finished and not resume:  # the runs' journals would refuse too, but only after the cells are read
+        raise ValueError(
+            f"expected an empty --out, got {root} with results of runs {', '.join(finished)}; pass --resume to skip "
+            "their finished cells, or choose another --out"
+        )
     cells = _in_memory(data, max_bytes)
     created = [p for p in (out, root, root / "runs") if not p.exists()]
     for p in created:

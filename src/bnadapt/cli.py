@@ -104,6 +104,11 @@ def _add_bench_data_args(p: argparse.ArgumentParser, severities: tuple[int, ...]
     )
 
 
+def _add_seeds_arg(g) -> None:
+    g.add_argument("--seeds", "--seed", dest="seeds", type=_int_list, default=(0,), metavar="S1,S2",
+                   help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)")  # fmt: skip
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
@@ -133,15 +138,7 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         help="adaptation images per cell, a comma list for a sweep (default: "
         f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
     )
-    g.add_argument(
-        "--seeds",
-        "--seed",
-        dest="seeds",
-        type=_int_list,
-        default=(0,),
-        metavar="S1,S2",
-        help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)",
-    )
+    _add_seeds_arg(g)
     g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
     depth = g.add_mutually_exclusive_group()
@@ -216,6 +213,8 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .analyze import ANALYSES
+
     parser = _Parser(prog="bnadapt", description="BatchNorm statistics adaptation for corrupted or shifted inputs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -256,21 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="style-shift analyses: transfer matrix, mean vs variance, first vs last layers")
     p.add_argument(
         "analysis",
-        choices=("transfer", "parts", "depth"),
+        choices=ANALYSES,
         help="transfer: adapt on A, evaluate on B; parts: mean/var/both; depth: first-k vs last-k layers",
     )
     _add_bench_data_args(p, severities=(5,))
     g = p.add_argument_group("protocol")
     g.add_argument("--n", type=_positive_int, default=32, help="adaptation images per run (default: 32)")
-    g.add_argument(
-        "--seeds",
-        "--seed",
-        dest="seeds",
-        type=_int_list,
-        default=(0,),
-        metavar="S1,S2",
-        help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)",
-    )
+    _add_seeds_arg(g)
     g.add_argument(
         "--ks",
         type=_int_list,
