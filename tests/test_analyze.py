@@ -152,6 +152,15 @@ def test_resume_skips_finished_cells_and_completes_a_cut_run(tmp_path, npz):
     assert (tmp_path / "o" / "depth" / "depth.csv").read_text() == table
 
 
+def test_tables_show_the_seeds_asked_for(tmp_path, npz):
+    config = BenchConfig(ns=(8,), seeds=(0,))
+    run_analysis("parts", {"tiny": _model()}, _data(npz), config, tmp_path / "one", plots=False)
+    _run("parts", npz, tmp_path / "o")  # seeds 0 and 1
+    res = run_analysis("parts", {"tiny": _model()}, _data(npz), config, tmp_path / "o", resume=True, plots=False)
+    assert (tmp_path / "o/parts/parts.csv").read_text() == (tmp_path / "one/parts/parts.csv").read_text()
+    assert "seeds 0\n" in (tmp_path / "o/parts/parts.md").read_text() and res.table
+
+
 def test_default_ks():
     assert default_ks(19) == [1, 2, 4, 8, 16] and default_ks(3) == [1, 2] and default_ks(1) == []
 
@@ -195,12 +204,13 @@ def test_cli_runs_records_the_command_and_resumes(cli, capsys):
         ("depth", ["--n", "0"], "expected a positive integer"),
         ("depth", ["--n", "99"], "expected --n <= the images of every cell"),
         ("depth", ["--corruptions", "nope"], "expected corruption names"),
+        ("parts", ["--data", "npz:{p}/in.npz"], "expected corrupted cells to analyse"),
         ("sideways", [], "invalid choice"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(cli, capsys, analysis, extra, match):
     try:
-        code = main(_argv(cli, analysis, *extra))
+        code = main(_argv(cli, analysis, *(e.format(p=cli) for e in extra)))
     except SystemExit as e:  # argparse's own refusals
         code = e.code
     assert code == 2

@@ -136,13 +136,16 @@ def run_analysis(
     for p in created:
         p.mkdir()
     results: dict[str, list[dict]] = {}
+    asked = {(n, s) for n in config.ns for s in config.seeds}
     try:
         for i, run in enumerate(runs):
             step = None
             if progress is not None:
                 step = _step(progress, i * len(cells.cells), len(runs) * len(cells.cells), len(cells.cells), run.label)
-            results[run.label] = run_benchmark(models, cells, run.config, out=root / "runs" / run.label,
-                                               command=command, resume=resume, progress=step)  # fmt: skip
+            rows = run_benchmark(models, cells, run.config, out=root / "runs" / run.label, command=command,
+                                 resume=resume, progress=step)  # fmt: skip
+            # The folder may hold more (other seeds of an earlier run): the tables show what this call asked for.
+            results[run.label] = [r for r in rows if r["seed"] is None or (r["n"], r["seed"]) in asked]
     except BaseException:
         for p in reversed(created):  # only what this call made and left empty: a refused run leaves nothing behind
             if p.is_dir() and not any(p.iterdir()):
@@ -161,6 +164,11 @@ def _check(analysis: str, data: BenchData, config: BenchConfig, ks: Sequence[int
     if preset:
         raise ValueError(f"expected a config without {', '.join(preset)}, got them set; the analysis sets them itself")
     severities = sorted({s for c, s in data.cells if c != CLEAN})
+    if not severities:
+        raise ValueError(
+            f"expected corrupted cells to analyse (generate:, cifar-c: or imagenet-c: --data), got only the clean set "
+            f"of {data.spec}"
+        )
     if analysis == "transfer" and len(severities) != 1:
         raise ValueError(
             f"expected one --severity for transfer (its matrix is at one severity), got {severities}; run one "
