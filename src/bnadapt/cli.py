@@ -65,9 +65,8 @@ def _name_list(text: str) -> tuple[str, ...]:
 SWEEP_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
-    from .adapt import method_names
-
+def _add_bench_data_args(p: argparse.ArgumentParser, severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
+    """The model and data groups of bench, sweep and analyze."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -93,7 +92,8 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         metavar="NAME",
         help="names, or common, extra, all, noise, blur, weather, digital (default: all 19)",
     )
-    g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
+    g.add_argument("--severities", "--severity", dest="severities", type=_severities, default=severities,
+                   help=f"e.g. 1-5 or 1,3,5 (default: {','.join(map(str, severities))})")  # fmt: skip
     g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
     g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
     g.add_argument(
@@ -102,6 +102,26 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         metavar="K",
         help="evaluate K images per cell, spread evenly over it (a subset, recorded in the results)",
     )
+
+
+def _add_seeds_arg(g) -> None:
+    g.add_argument("--seeds", "--seed", dest="seeds", type=_int_list, default=(0,), metavar="S1,S2",
+                   help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)")  # fmt: skip
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
+    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) for evaluation")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+
+
+def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
+    from .adapt import method_names
+
+    _add_bench_data_args(p)
     g = p.add_argument_group("protocol")
     g.add_argument(
         "--methods",
@@ -118,15 +138,7 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         help="adaptation images per cell, a comma list for a sweep (default: "
         f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
     )
-    g.add_argument(
-        "--seeds",
-        "--seed",
-        dest="seeds",
-        type=_int_list,
-        default=(0,),
-        metavar="S1,S2",
-        help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)",
-    )
+    _add_seeds_arg(g)
     g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
     depth = g.add_mutually_exclusive_group()
@@ -136,12 +148,7 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument(
         "--adapt-on", metavar="CELL", help="adapt on this one cell (e.g. fog:3, or clean) and evaluate on every cell"
     )
-    g = p.add_argument_group("run")
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
-    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) for evaluation")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    _add_run_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, type=Path, help="results folder (results.jsonl, summary.json, report.md)")
     g.add_argument("--resume", action="store_true", help="skip the cells already in --out")
@@ -206,6 +213,8 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .analyze import ANALYSES
+
     parser = _Parser(prog="bnadapt", description="BatchNorm statistics adaptation for corrupted or shifted inputs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -243,12 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_bench_args(p, sweep=name == "sweep")
 
+    p = sub.add_parser("analyze", help="style-shift analyses: transfer matrix, mean vs variance, first vs last layers")
+    p.add_argument(
+        "analysis",
+        choices=ANALYSES,
+        help="transfer: adapt on A, evaluate on B; parts: mean/var/both; depth: first-k vs last-k layers",
+    )
+    _add_bench_data_args(p, severities=(5,))
+    g = p.add_argument_group("protocol")
+    g.add_argument("--n", type=_positive_int, default=32, help="adaptation images per run (default: 32)")
+    _add_seeds_arg(g)
+    g.add_argument(
+        "--ks",
+        type=_int_list,
+        metavar="K1,K2",
+        help="depth: numbers of BN layers (default: powers of two below the model's BN layer count)",
+    )
+    _add_run_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, type=Path, help="folder; the analysis writes into OUT/<analysis>/")
+    g.add_argument("--resume", action="store_true", help="skip the cells already finished in OUT/<analysis>/")
+    g.add_argument("--no-plots", action="store_true", help="tables only")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
     p = sub.add_parser("report", help="regenerate summary.json, report.md/csv and plots from a results folder")
     p.add_argument("dir", type=Path, help="a folder written by bnadapt bench")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default: md)")
     p.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE")
     p.add_argument("--no-plots", action="store_true", help="tables only")  # fmt: skip
-    for name in ("adapt", "corrupt", "bench", "sweep"):
+    for name in ("adapt", "corrupt", "bench", "sweep", "analyze"):
         sub.choices[name].add_argument(
             "--follow-links",
             action="store_true",
@@ -313,13 +345,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
-    from .corruptions import GROUPS
     from .corruptions.export import export_corrupted
 
-    names: list[str] = []
-    for item in args.corruptions or ["all"]:
-        names.extend(GROUPS.get(item, (item,)))
-    names = list(dict.fromkeys(names))
+    names = _corruption_names(args.corruptions)
     t0 = time.perf_counter()
     bar = _progress_bar(0, not args.no_progress, "img")
 
@@ -381,33 +409,41 @@ def _print_summary(summary: list[dict]) -> None:
         )
 
 
+def _corruption_names(items: Sequence[str] | None) -> list[str]:
+    """--corruptions (names or groups such as common; default all 19) as a list of names without repeats."""
+    from .corruptions import GROUPS
+
+    names: list[str] = []
+    for item in items or ["all"]:
+        names.extend(GROUPS.get(item, (item,)))
+    return list(dict.fromkeys(names))
+
+
+def _open_bench_data(args: argparse.Namespace):
+    """The cells of --data x --corruptions x --severities, as bench and analyze take them."""
+    from .data import open_data
+
+    names = _corruption_names(args.corruptions)
+    return open_data(args.data, names, args.severities, args.allow_partial, args.corrupt_seed, clean=args.clean,
+                     limit=args.limit_per_cell)  # fmt: skip
+
+
+def _workers(args: argparse.Namespace) -> int:
+    return args.workers if args.workers is not None else (0 if args.device == "cpu" else min(4, os.cpu_count() or 1))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .adapt import method_names, parse_options
     from .benchmark import BenchConfig, run_benchmark
-    from .corruptions import GROUPS
-    from .data import open_data
     from .metrics import load_baseline
     from .models import load_model
     from .report import build_summary, write_report
 
-    names: list[str] = []
-    for item in args.corruptions or ["all"]:
-        names.extend(GROUPS.get(item, (item,)))
     if args.checkpoint is not None and len(args.model) > 1:
         raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
     baseline = load_baseline(args.baseline) if args.baseline else None
-    data = open_data(
-        args.data,
-        list(dict.fromkeys(names)),
-        args.severities,
-        args.allow_partial,
-        args.corrupt_seed,
-        clean=args.clean,
-        limit=args.limit_per_cell,
-    )
+    data = _open_bench_data(args)
     models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
-    device = args.device
-    workers = args.workers if args.workers is not None else (0 if device == "cpu" else min(4, os.cpu_count() or 1))
     extra = {"clean": str(args.clean) if args.clean else None}
     if args.limit_per_cell is not None:  # only when set: results of earlier versions stay resumable
         extra["limit_per_cell"] = args.limit_per_cell
@@ -416,8 +452,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tuple(args.n),
         tuple(args.seeds),
         args.batch_size,
-        workers,
-        device,
+        _workers(args),
+        args.device,
         args.amp,
         args.channels_last,
         args.prior,
@@ -468,6 +504,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import run_analysis
+    from .benchmark import BenchConfig
+    from .models import load_model
+
+    if len(args.model) > 1:
+        raise ValueError(f"expected one --model for analyze, got {len(args.model)}; run one analysis per model")
+    data = _open_bench_data(args)
+    model = load_model(args.model[0], args.checkpoint, args.weights, args.trust_checkpoint)
+    config = BenchConfig(ns=(args.n,), seeds=tuple(args.seeds), batch_size=args.batch_size, jobs=_workers(args),
+                         device=args.device, amp=args.amp, channels_last=args.channels_last)  # fmt: skip
+    bar = _progress_bar(0, not args.no_progress, "cell")
+
+    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
+        bar.set_postfix_str(f"{label}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items()), refresh=False)
+        _advance(bar, done - bar.n, total)
+
+    t0 = time.perf_counter()
+    try:
+        result = run_analysis(args.analysis, {args.model[0]: model}, data, config, args.out, ks=args.ks,
+                              command=["bnadapt", *args.argv], resume=args.resume, plots=not args.no_plots,
+                              progress=progress)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"bnadapt: interrupted; finished cells are kept in {args.out / args.analysis}: rerun with --resume to "
+              "continue", file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        bar.close()
+    print(result.table)
+    print(f"\nwrote {', '.join(str(p) for p in result.files)} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .metrics import load_baseline
     from .report import write_report
@@ -479,7 +548,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo, "bench": cmd_bench, "sweep": cmd_bench,
-            "report": cmd_report}  # fmt: skip
+            "analyze": cmd_analyze, "report": cmd_report}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

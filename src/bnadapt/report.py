@@ -185,8 +185,12 @@ def _cells_by_group(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
     return {g: {c: sum(v) / len(v) for c, v in cells.items()} for g, cells in acc.items()}
 
 
-def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dict]) -> list[Path]:
-    """Write the PNG plots into ``out``; returns them (none, with a warning, when matplotlib is missing)."""
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (with a one-line warning) when it is not installed.
+
+    Example:
+        >>> plt = pyplot()  # doctest: +SKIP
+    """
     try:
         import matplotlib
 
@@ -194,6 +198,22 @@ def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dic
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written")
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dict]) -> list[Path]:
+    """Write the PNG plots into ``out``; returns them (none, with a warning, when matplotlib is missing)."""
+    plt = pyplot()
+    if plt is None:
         return []
     out = Path(out)
     made = []
@@ -204,10 +224,7 @@ def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dic
         fig = fn(plt, groups, names, rows)
         if fig is not None:
             path = out / {"heatmap": _PLOTS[0], "by_severity": _PLOTS[1], "by_n": _PLOTS[2]}[fn.__name__.strip("_")]
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-            plt.close(fig)
-            made.append(path)
+            made.append(save_figure(plt, fig, path))
     return made
 
 
