@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from .adapt import adapt, method_names, register_method
+from .bank import Bank, build_bank
 from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
@@ -17,9 +18,11 @@ from .models import load_model, model_names
 
 __all__ = [
     "BNStats",
+    "Bank",
     "BenchConfig",
     "adapt",
     "bn_layers",
+    "build_bank",
     "corrupt",
     "corruption_names",
     "estimate_stats",

@@ -243,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_bench_args(p, sweep=name == "sweep")
 
+    p = sub.add_parser("bank", help="build or show a bank of BN statistics of known conditions (method bank)")
+    bank = p.add_subparsers(dest="bank_command", metavar="{build,show}", required=True, parser_class=_Parser)
+    p = bank.add_parser("build", help="estimate BN statistics and signatures per condition into one .safetensors")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="like bench's --data, e.g. generate:cifar:clean.npz (needs clean)")
+    p.add_argument("--clean", type=Path, help="clean .npz or class folder (cifar-c/imagenet-c data)")
+    p.add_argument("--corruptions", nargs="+", metavar="NAME", default=["common"],
+                   help="names, or common, extra, all, noise, blur, weather, digital (default: common)")  # fmt: skip
+    p.add_argument("--severities", type=_severities, default=(1, 3, 5), help="e.g. 1,3,5 (default) or 1-5")
+    p.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
+    p.add_argument("--limit-per-cell", type=int, metavar="K", help="draw from K images per cell, spread evenly")
+    p.add_argument("--n", type=_positive_int, default=64, help="images per condition (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw of those images (default: 0)")
+    p.add_argument("--k-signature", type=_positive_int, default=3, help="BN layers the signature reads (default: 3)")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="micro-batch size (default: 256)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", required=True, type=Path, help="the bank file to write (.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = bank.add_parser("show", help="print a bank file's conditions and how it was built")
+    p.add_argument("file", type=Path, help="a .safetensors bank from bnadapt bank build")
+
     p = sub.add_parser("report", help="regenerate summary.json, report.md/csv and plots from a results folder")
     p.add_argument("dir", type=Path, help="a folder written by bnadapt bench")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default: md)")
@@ -312,14 +333,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_corrupt(args: argparse.Namespace) -> int:
+def _corruption_names(items: Sequence[str] | None) -> list[str]:
+    """``--corruptions`` items (names or groups such as common) -> corruption names, in order, once each."""
     from .corruptions import GROUPS
-    from .corruptions.export import export_corrupted
 
     names: list[str] = []
-    for item in args.corruptions or ["all"]:
+    for item in items or ["all"]:
         names.extend(GROUPS.get(item, (item,)))
-    names = list(dict.fromkeys(names))
+    return list(dict.fromkeys(names))
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    from .corruptions.export import export_corrupted
+
+    names = _corruption_names(args.corruptions)
     t0 = time.perf_counter()
     bar = _progress_bar(0, not args.no_progress, "img")
 
@@ -384,21 +411,18 @@ def _print_summary(summary: list[dict]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .adapt import method_names, parse_options
     from .benchmark import BenchConfig, run_benchmark
-    from .corruptions import GROUPS
     from .data import open_data
     from .metrics import load_baseline
     from .models import load_model
     from .report import build_summary, write_report
 
-    names: list[str] = []
-    for item in args.corruptions or ["all"]:
-        names.extend(GROUPS.get(item, (item,)))
+    names = _corruption_names(args.corruptions)
     if args.checkpoint is not None and len(args.model) > 1:
         raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
     baseline = load_baseline(args.baseline) if args.baseline else None
     data = open_data(
         args.data,
-        list(dict.fromkeys(names)),
+        names,
         args.severities,
         args.allow_partial,
         args.corrupt_seed,
@@ -468,6 +492,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bank(args: argparse.Namespace) -> int:
+    from .bank import Bank, build_bank_from_data
+
+    if args.bank_command == "show":
+        bank = Bank.load(args.file)
+        info = bank.info
+        print(f"bank {args.file}: {len(bank.conditions)} conditions, {len(bank.layers)} BN layers of "
+              f"{info.get('model')}, n={info.get('n')} seed={info.get('seed')}, signature of the first "
+              f"{len(bank.signature_layers)} BN layers, fallback threshold {bank.threshold:.3g}, bnadapt "
+              f"{info.get('bnadapt_version')}")  # fmt: skip
+        if info.get("data"):
+            print(f"data: {info['data']}")
+        print("conditions: " + " ".join(bank.conditions))
+        return 0
+    from .data import open_data
+    from .models import load_model
+
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"expected --out to end in .safetensors, got {args.out.name!r}")
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"expected an existing directory for --out, got none at {args.out.parent}; create it")
+    data = open_data(args.data, _corruption_names(args.corruptions), args.severities, seed=args.corrupt_seed,
+                     clean=args.clean, limit=args.limit_per_cell)  # fmt: skip
+    model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint).to(args.device)
+    bar = _progress_bar(0, not args.no_progress, "cond")
+    t0 = time.perf_counter()
+    try:
+        bank = build_bank_from_data(
+            model, data, args.n, args.seed, args.k_signature, args.batch_size, args.device, model_name=args.model,
+            progress=lambda done, total, name: _advance(bar, 1, total),
+        )  # fmt: skip
+    finally:
+        bar.close()
+    bank.save(args.out)
+    print(f"built a bank of {len(bank.conditions)} conditions (n={args.n}, seed {args.seed}) for {args.model} in "
+          f"{time.perf_counter() - t0:.1f}s -> {args.out}")  # fmt: skip
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .metrics import load_baseline
     from .report import write_report
@@ -479,7 +542,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo, "bench": cmd_bench, "sweep": cmd_bench,
-            "report": cmd_report}  # fmt: skip
+            "bank": cmd_bank, "report": cmd_report}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
