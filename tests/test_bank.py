@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bnadapt import BNStats, adapt, bn_layers
-from bnadapt.bank import FALLBACK, Bank, BankModel, build_bank, image_signatures
+from bnadapt.bank import FALLBACK, Bank, build_bank, image_signatures
+from bnadapt.bank_model import BankModel
 from bnadapt.cli import main
 from bnadapt.results import read_results
 from conftest import make_tiny
@@ -52,7 +53,8 @@ def _state(model):
 def test_round_trip_is_exact(bank, bank_file, tiny):
     loaded = Bank.load(bank_file, tiny)
     assert loaded.conditions == list(SHIFTS) and loaded.layers == ["bn1", "bn2", "bn3"]
-    assert loaded.signature_layers == ["bn1", "bn2", "bn3"] and loaded.threshold == bank.threshold
+    assert loaded.signature_layers == ["bn1", "bn2", "bn3"] and loaded.thresholds == bank.thresholds
+    assert torch.equal(loaded.covariance, bank.covariance) and loaded.covariance.shape == (60, 60)
     assert loaded.info == bank.info and loaded.info["n"] == 16 and loaded.info["k_signature"] == 3
     assert loaded.info["bnadapt_version"] and loaded.info["model"] == "TinyNet"
     for c in SHIFTS:
@@ -79,9 +81,10 @@ def test_entries_hold_estimates_and_clean_holds_the_source(bank, tiny):
 
 
 @pytest.mark.parametrize("batch", [1, 16])
-def test_selector_picks_the_condition_of_the_batch(bank, bank_file, tiny, batch):
+@pytest.mark.parametrize("covariance", ["pooled", "diagonal"])
+def test_selector_picks_the_condition_of_the_batch(bank, bank_file, tiny, batch, covariance):
     for i, cond in enumerate(SHIFTS):
-        model = adapt(tiny, method="bank", options={"bank": str(bank_file)})
+        model = adapt(tiny, method="bank", options={"bank": str(bank_file), "covariance": covariance})
         x = _images(cond, 32, seed=100 + i)  # images not used to build the bank
         with torch.no_grad():
             for k in range(0, 32, batch):
@@ -113,8 +116,9 @@ def test_partial_forward_stops_at_the_last_signature_layer(tiny):
     assert calls == {"conv2": 1, "fc2": 1}  # the probe stopped before conv2: only the full forward ran it
 
 
-def test_far_away_input_falls_back_to_source(bank_file, tiny):
-    model = adapt(tiny, method="bank", options={"bank": str(bank_file)})
+@pytest.mark.parametrize("covariance", ["pooled", "diagonal"])
+def test_far_away_input_falls_back_to_source(bank_file, tiny, covariance):
+    model = adapt(tiny, method="bank", options={"bank": str(bank_file), "covariance": covariance})
     far = _images("clean", 4, seed=9) * 40 - 20
     with torch.no_grad():
         model(_images("dark", 4, seed=9))  # first a known condition, so that the fallback has something to undo
@@ -152,7 +156,7 @@ def test_deep_copies_select_on_their_own(bank_file, tiny):
 def test_mix_weights_entries_by_temperature(bank, bank_file, tiny):
     x = _images("dark", 4, seed=6)
     sharp = adapt(tiny, method="bank", options={"bank": str(bank_file), "mix": True, "temperature": 1e-6})
-    flat = adapt(tiny, method="bank", options={"bank": str(bank_file), "mix": True, "temperature": 1e9})
+    flat = adapt(tiny, method="bank", options={"bank": str(bank_file), "mix": True, "temperature": 1e15})
     with torch.no_grad():
         sharp(x)
         flat(x)
@@ -160,6 +164,28 @@ def test_mix_weights_entries_by_temperature(bank, bank_file, tiny):
     average = torch.stack([bank.stats[c].mean["bn2"] for c in SHIFTS]).mean(0)
     assert torch.allclose(flat.model.bn2.running_mean, average, atol=1e-6)
     assert sharp.counts["dark"] == flat.counts["dark"] == 1
+
+
+def test_clean_prior_shifts_the_clean_score_by_the_log_prior_ratio(bank_file, tiny):
+    x = _images("dark", 2, seed=8)
+    even, sure = (adapt(tiny, method="bank", options={"bank": str(bank_file), "clean_prior": p}) for p in (0.25, 0.9))
+    (a, dist_a), (b, dist_b) = even.scores(x), sure.scores(x)
+    # 4 entries: clean_prior 0.25 is the uniform prior; 0.9 leaves 0.1 / 3 to each other entry.
+    assert abs(float(a[0] - b[0]) - np.log(0.9 / 0.25)) < 1e-2  # scores are ~1e4 nats in float32
+    assert all(abs(float(v) - np.log(0.25 / (0.1 / 3))) < 1e-2 for v in b[1:] - a[1:])
+    assert torch.equal(dist_a, dist_b) and sum(even.counts.values()) == 0  # scoring alone chooses nothing
+
+
+def test_pooled_scores_whiten_the_shared_covariance(bank, tiny):
+    model = BankModel(copy.deepcopy(tiny), bank, covariance="pooled")
+    x = _images("washed", 3, seed=11)
+    sig = image_signatures(tiny, x, bank.signature_layers).double()
+    cov = bank.covariance.double() + 1e-6 * torch.eye(60, dtype=torch.float64)  # the ridge whitener() adds
+    d = sig - bank.signature_mean["bright"].double()
+    mahalanobis = torch.einsum("bi,ij,bj->b", d, torch.linalg.inv(cov), d)
+    score, dist = model.scores(x)
+    assert torch.allclose(dist[2].double(), mahalanobis.mean() / 60, rtol=1e-3)
+    assert torch.allclose(score[2].double(), 0.5 * mahalanobis.mean() - np.log(0.5 / 3), rtol=1e-3)
 
 
 def test_build_refuses_bad_input(tiny):
@@ -193,6 +219,7 @@ def _damage(path, key, value):
         (lambda p: _damage(p, "dark/bn1/mean", torch.full((8,), float("nan"))), "NaN"),
         (lambda p: _damage(p, "bright/#signature/std", torch.full((60,), float("inf"))), "NaN"),
         (lambda p: _damage(p, "dark/bn2/var", torch.ones(3)), "matching 1-D"),
+        (lambda p: _damage(p, "#pooled/covariance", torch.ones(60, 59)), "symmetric 60x60"),
     ],
 )
 def test_bad_bank_file_is_refused(bank_file, tiny, damage, match):
@@ -210,6 +237,10 @@ def test_bank_of_another_model_and_missing_option_are_refused(bank_file):
         adapt(make_tiny(), method="bank")
     with pytest.raises(ValueError, match="temperature"):
         adapt(make_tiny(), method="bank", options={"bank": str(bank_file), "mix": True, "temperature": 0.0})
+    with pytest.raises(ValueError, match="covariance to be one of pooled, diagonal"):
+        adapt(make_tiny(), method="bank", options={"bank": str(bank_file), "covariance": "full"})
+    with pytest.raises(ValueError, match="clean_prior"):
+        adapt(make_tiny(), method="bank", options={"bank": str(bank_file), "clean_prior": 1.0})
 
 
 def test_cli_build_show_and_bench(tmp_path, resnet20_checkpoint, capsys):

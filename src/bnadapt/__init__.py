@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .adapt import adapt, method_names, register_method
 from .bank import Bank, build_bank
+from .bank_model import BankModel  # also registers the method bank
 from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
@@ -19,6 +20,7 @@ from .models import load_model, model_names
 __all__ = [
     "BNStats",
     "Bank",
+    "BankModel",
     "BenchConfig",
     "adapt",
     "bn_layers",

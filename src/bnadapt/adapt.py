@@ -10,7 +10,7 @@ options, and returns the adapted model in eval mode:
 - ``test-batch``: every inference batch is normalised with its own statistics (Nado et al. 2020; tent's "norm").
 - ``ema``: online: each inference batch first moves the running statistics by ``momentum`` towards its own, then is
   normalised with them, for deployments that see an endless stream.
-- ``bank`` (:mod:`bnadapt.bank`): online: each inference batch, down to one image, gets the statistics of the
+- ``bank`` (:mod:`bnadapt.bank_model`): online: each inference batch, down to one image, gets the statistics of the
   best-matching condition of a bank built beforehand (``bnadapt bank build``), or the source statistics.
 """
 

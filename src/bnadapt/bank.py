@@ -1,16 +1,15 @@
-"""The statistics bank: BN statistics of many known conditions, and a selector that picks them per batch.
+"""The statistics bank: BN statistics of many known conditions, and the signatures that recognise them.
 
 A deployed model sees a stream of images, often one at a time, under conditions nobody announces (fog, sensor noise,
 JPEG, ...). :func:`build_bank` estimates every BN layer's statistics for each named condition from ``n`` of its
 images, and a *signature* to recognise it: the per-image channel means and log-stds of the inputs of the first
-``k_signature`` BN layers of the source model, summarised per condition by their mean and spread over images. The
-``bank`` method (:class:`BankModel`) then, for every incoming batch (down to one image), runs the source model only up
-to the k-th BN layer, scores every entry with a diagonal Gaussian, sets the best entry's statistics (or a softmax
-mix) and runs the full forward. A batch farther from its best entry than nearly all build images were from their own
-gets the source statistics instead (the fallback).
+``k_signature`` BN layers of the source model, summarised per condition by their mean and spread over images, plus
+the within-condition covariance pooled over all conditions. The ``bank`` method
+(:class:`bnadapt.bank_model.BankModel`) then picks an entry for every incoming batch, down to one image.
 
-The bank is one safetensors file: ``<condition>/<layer>/mean|var`` and ``<condition>/#signature/mean|std`` tensors,
-and a JSON header in the metadata (conditions, layers, n, seed, model, k_signature, threshold, bnadapt version).
+The bank is one safetensors file: ``<condition>/<layer>/mean|var``, ``<condition>/#signature/mean|std`` and
+``#pooled/covariance`` tensors, and a JSON header in the metadata (conditions, layers, n, seed, model, k_signature,
+thresholds, bnadapt version).
 """
 
 from __future__ import annotations
@@ -29,16 +28,18 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
-from .adapt import AdaptConfig, register_method, sample_indices
-from .bn import BNStats, bn_layers, check_layer_values, estimate_stats, iter_batches, mix_stats
+from .adapt import sample_indices
+from .bn import BNStats, bn_layers, check_layer_values, estimate_stats, iter_batches
 from .data import CLEAN, BenchData, spread_indices, to_float_nchw
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FALLBACK", "Bank", "BankModel", "build_bank", "build_bank_from_data", "image_signatures"]
+__all__ = ["COVARIANCES", "FALLBACK", "Bank", "build_bank", "build_bank_from_data", "image_signatures"]
 
 _FORMAT = "bnadapt.bank/1"
 _SIG = "#signature"  # the signature's tensors: '#' keeps them apart from any layer name PyTorch builds
+_COV = "#pooled/covariance"  # condition names may not start with '#'
+COVARIANCES = ("pooled", "diagonal")  # how entries are scored: one covariance shared by all, or each its own diagonal
 FALLBACK = "fallback"  # the selection-count key of batches that got the source statistics
 _EPS = 1e-5  # added to a channel's variance before the log: a constant channel (dead ReLU, padding) stays finite
 # Floor of a signature dimension's spread: a dimension (nearly) constant over one condition's build images must not
@@ -60,7 +61,7 @@ class _SignatureHook:
     that talk to the copy's probe.
     """
 
-    def __init__(self, probe: _Probe, last: bool) -> None:
+    def __init__(self, probe: SignatureProbe, last: bool) -> None:
         self.probe, self.last = probe, last
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -71,7 +72,7 @@ class _SignatureHook:
             raise _StopProbe
 
 
-class _Probe:
+class SignatureProbe:
     """Runs a model up to the last of its signature layers and returns one signature row per image."""
 
     def __init__(self) -> None:
@@ -126,7 +127,7 @@ def image_signatures(
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    probe = _Probe()
+    probe = SignatureProbe()
     handles = probe.attach([found[n] for n in names])
     modes = {m: m.training for m in model.modules()}
     try:
@@ -140,13 +141,21 @@ def image_signatures(
     return torch.cat(rows)
 
 
-def _scores(sig: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, E) scores of B signatures against E entries: the per-dimension negative log-likelihood of a diagonal
-    Gaussian (without its constant) used to pick an entry, and the normalised squared distance mean(z^2) used for
-    the fallback (about 1 for an image of the entry's own condition, whatever the entry's spread)."""
+def gaussian_scores(sig: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, E) scores of B signatures against E entries of a diagonal Gaussian: the negative log-likelihood in nats
+    (without its constant) that picks an entry, and the normalised squared distance mean(z^2) that decides the
+    fallback (about 1 for an image of the entry's own condition, whatever the entry's spread). The pooled covariance
+    is this on whitened signatures with unit spread."""
     spread = spread.clamp_min(_MIN_SPREAD)
-    dist = ((sig[:, None, :] - mean[None]) / spread[None]).square().mean(-1)
-    return 0.5 * dist + spread.log().mean(-1)[None], dist
+    z2 = ((sig[:, None, :] - mean[None]) / spread[None]).square()
+    return 0.5 * z2.sum(-1) + spread.log().sum(-1)[None], z2.mean(-1)
+
+
+def whitener(cov: torch.Tensor) -> torch.Tensor:
+    """W with ``W @ cov @ W.T = I`` (the inverse Cholesky factor), after a ridge of the spread floor squared."""
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov.double() + _MIN_SPREAD**2 * eye)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).float()
 
 
 # --- the bank ---
@@ -154,12 +163,14 @@ def _scores(sig: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> tupl
 
 @dataclass
 class Bank:
-    """BN statistics and signatures of named conditions, with the fallback threshold calibrated when it was built.
+    """BN statistics and signatures of named conditions, with the fallback thresholds calibrated when it was built.
 
     ``stats``: condition -> statistics of every BN layer (``clean`` holds the source model's own);
     ``signature_mean``/``signature_std``: condition -> (D,) mean and spread over its build images of the per-image
-    signature of ``signature_layers``; ``threshold``: the ``quantile`` of the build images' normalised distances to
-    their own entry (images the entry was not estimated from, when there were any); ``info``: n, seed, model, ...
+    signature of ``signature_layers``; ``covariance``: (D, D) within-condition covariance of the signature, pooled
+    over all conditions; ``thresholds``: per way of scoring (:data:`COVARIANCES`), the ``quantile`` of the build
+    images' normalised distances to their own entry (images the entry was not estimated from, when there were any);
+    ``info``: n, seed, model, ...
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
@@ -172,7 +183,8 @@ class Bank:
     signature_mean: dict[str, torch.Tensor]
     signature_std: dict[str, torch.Tensor]
     signature_layers: list[str]
-    threshold: float
+    covariance: torch.Tensor
+    thresholds: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -206,8 +218,9 @@ class Bank:
                 tensors[f"{c}/{n}/var"] = st.var[n].float().contiguous()
             tensors[f"{c}/{_SIG}/mean"] = self.signature_mean[c].float().contiguous()
             tensors[f"{c}/{_SIG}/std"] = self.signature_std[c].float().contiguous()
+        tensors[_COV] = self.covariance.float().contiguous()
         head = {"conditions": self.conditions, "layers": self.layers, "signature_layers": self.signature_layers,
-                "threshold": self.threshold, "info": self.info}  # fmt: skip
+                "thresholds": self.thresholds, "info": self.info}  # fmt: skip
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": _FORMAT, "bank": json.dumps(head)})
 
@@ -233,7 +246,7 @@ class Bank:
                 meta = f.metadata() or {}
                 if meta.get("format") != _FORMAT:
                     raise ValueError(f"expected a bnadapt bank file ({_FORMAT}), got format {meta.get('format')!r}")
-                conditions, layers, sig_layers, threshold, info = _check_head(json.loads(meta["bank"]))
+                conditions, layers, sig_layers, thresholds, info = _check_head(json.loads(meta["bank"]))
                 keys = set(f.keys())
 
                 def get(key: str) -> torch.Tensor:
@@ -254,15 +267,21 @@ class Bank:
                     for n in layers:
                         if stats[c].mean[n].shape != stats[conditions[0]].mean[n].shape:
                             raise ValueError(f"expected every condition to have the same channels in layer {n!r}")
+                cov, d = get(_COV), len(sig_mean[conditions[0]])
+                if cov.shape != (d, d) or not torch.isfinite(cov).all() or not torch.equal(cov, cov.T):
+                    raise ValueError(
+                        f"expected a finite symmetric {d}x{d} pooled covariance, got shape {tuple(cov.shape)} (or NaN, "
+                        "inf, asymmetry); the file is damaged or was not written by bnadapt"
+                    )
         except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as e:
             raise ValueError(f"expected a readable bnadapt bank file at {path}, got an unreadable one ({e})") from e
-        bank = cls(stats, sig_mean, sig_std, sig_layers, threshold, info)
+        bank = cls(stats, sig_mean, sig_std, sig_layers, cov, thresholds, info)
         if model is not None:
             bank.check_fits(model)
         return bank
 
 
-def _check_head(head: Any) -> tuple[list[str], list[str], list[str], float, dict]:
+def _check_head(head: Any) -> tuple[list[str], list[str], list[str], dict[str, float], dict]:
     """The fields of a bank file's JSON header, or a ValueError saying which one is wrong."""
     if not isinstance(head, dict):
         raise ValueError(f"expected the bank header to be a JSON object, got {type(head).__name__}")
@@ -275,12 +294,21 @@ def _check_head(head: Any) -> tuple[list[str], list[str], list[str], float, dict
         raise ValueError(f"expected a {CLEAN!r} condition in the bank (the source fallback), got {conditions[:5]}")
     if sig != layers[: len(sig)]:
         raise ValueError(f"expected the signature layers to be the first BN layers, got {sig[:3]}")
-    threshold, info = head.get("threshold"), head.get("info", {})
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
-        raise ValueError(f"expected a positive finite fallback threshold in the bank header, got {threshold!r}")
+    thresholds, info = head.get("thresholds"), head.get("info", {})
+    if (
+        not isinstance(thresholds, dict)
+        or set(thresholds) != set(COVARIANCES)
+        or not all(
+            not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < math.inf for t in thresholds.values()
+        )
+    ):
+        raise ValueError(
+            f"expected positive finite fallback thresholds for {', '.join(COVARIANCES)} in the bank header, got "
+            f"{thresholds!r:.80}"
+        )
     if not isinstance(info, dict):
         raise ValueError(f"expected the bank header's 'info' to be a JSON object, got {info!r:.60}")
-    return conditions, layers, sig, float(threshold), info
+    return conditions, layers, sig, {k: float(v) for k, v in thresholds.items()}, info
 
 
 def _check_signature(name: str, mean: torch.Tensor, std: torch.Tensor, first: torch.Tensor) -> None:
@@ -318,7 +346,7 @@ def build_bank(
         seed: seed of the draw of those images.
         k_signature: the signature reads the inputs of the first k BN layers (all of them if the model has fewer).
         batch_size: micro-batch (results do not depend on it); device: where to run (default: the model's).
-        quantile: the fallback threshold is this quantile of build images' distances to their own entry, measured
+        quantile: the fallback thresholds are this quantile of build images' distances to their own entry, measured
             on up to n images per condition that were not drawn (on the drawn ones when there are no others).
         info: extra JSON-able facts to record (data, command, ...); the model's name goes under ``"model"``.
         progress: called after each condition with (done, total, name).
@@ -342,16 +370,16 @@ def build_bank(
     if not 0 < quantile <= 1:
         raise ValueError(f"expected a quantile in (0, 1] for the fallback threshold, got {quantile}")
     names = list(conditions)
-    bad = [c for c in names if not isinstance(c, str) or not c or "/" in c or c != c.strip()]
+    bad = [c for c in names if not isinstance(c, str) or not c or "/" in c or c != c.strip() or c.startswith("#")]
     if bad:
-        raise ValueError(f"expected condition names without '/' or surrounding spaces, got {bad[0]!r}")
+        raise ValueError(f"expected condition names without '/', a leading '#' or surrounding spaces, got {bad[0]!r}")
     if CLEAN not in names:
         raise ValueError(f"expected a {CLEAN!r} condition (clean images, for the source fallback), got {names[:5]}")
     sig_layers = layers[:k_signature]
     stats: dict[str, BNStats] = {}
     sig_mean: dict[str, torch.Tensor] = {}
     sig_std: dict[str, torch.Tensor] = {}
-    distances = []
+    centred, held_out = [], []
     for i, name in enumerate(names):
         x = to_float_nchw(conditions[name])
         if len(x) < n:
@@ -362,19 +390,29 @@ def build_bank(
         stats[name] = BNStats.from_model(model) if own else estimate_stats(model, xs, None, batch_size, device)
         sig = image_signatures(model, xs, sig_layers, batch_size, device)
         sig_mean[name], sig_std[name] = sig.mean(0), sig.std(0)
-        # The threshold must hold for images the entry never saw, so it is measured on others where there are any.
+        centred.append(sig - sig_mean[name])
+        # The thresholds must hold for images the entry never saw, so they are measured on others where there are any.
         rest = np.setdiff1d(np.arange(len(x)), drawn)
         if len(rest):
             sig = image_signatures(model, x[torch.from_numpy(rest[spread_indices(len(rest), n)])], sig_layers,
                                    batch_size, device)  # fmt: skip
-        distances.append(_scores(sig, sig_mean[name][None], sig_std[name][None])[1][:, 0])
+        held_out.append(sig)
         log.info("bank: %s (%d of %d)", name, i + 1, len(names))
         if progress is not None:
             progress(i + 1, len(names), name)
-    threshold = float(torch.quantile(torch.cat(distances).double(), quantile))
+    within = torch.cat(centred).double()
+    covariance = within.T @ within / (len(within) - len(names))
+    covariance = ((covariance + covariance.T) / 2).float()  # exactly symmetric, as loading checks
+    whiten = whitener(covariance)
+    distances: dict[str, list[torch.Tensor]] = {"pooled": [], "diagonal": []}
+    for name, sig in zip(names, held_out, strict=True):
+        mean = sig_mean[name][None]
+        distances["diagonal"].append(gaussian_scores(sig, mean, sig_std[name][None])[1][:, 0])
+        distances["pooled"].append(gaussian_scores(sig @ whiten.T, mean @ whiten.T, torch.ones_like(mean))[1][:, 0])
+    thresholds = {k: float(torch.quantile(torch.cat(v).double(), quantile)) for k, v in distances.items()}
     meta = {"n": n, "seed": seed, "k_signature": k_signature, "quantile": quantile, "bnadapt_version": __version__,
             "model": type(model).__name__, **(info or {})}  # fmt: skip
-    return Bank(stats, sig_mean, sig_std, sig_layers, threshold, meta)
+    return Bank(stats, sig_mean, sig_std, sig_layers, covariance, thresholds, meta)
 
 
 class _CellImages(Mapping[str, np.ndarray]):
@@ -432,146 +470,3 @@ def build_bank_from_data(
             "limit_per_cell": data.limit}  # fmt: skip
     return build_bank(model, _CellImages(data, n, seed), n, seed, k_signature, batch_size, device, info=info,
                       progress=progress)  # fmt: skip
-
-
-# --- the selector ---
-
-
-class BankModel(nn.Module):
-    """``model`` behind a bank's selector: each call picks BN statistics for its batch, then runs ``model``.
-
-    Per call: the batch's signatures come from a forward of ``model`` with its source statistics that stops at the
-    last signature layer; every entry is scored by the mean over the batch's images of a diagonal-Gaussian negative
-    log-likelihood; the best entry's statistics (or, with ``mix``, the softmax mix with weights ``exp(-score /
-    temperature)``) go into the selected BN ``layers`` (``part`` as in :func:`bnadapt.adapt`), unless the batch's
-    mean normalised distance to that entry exceeds ``fallback`` times the bank's threshold: then the source
-    statistics do (``fallback=inf`` never falls back). ``counts`` maps each condition and ``"fallback"`` to how many
-    calls chose it; ``last`` is the last call's choice.
-
-    Example:
-        >>> import copy
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)).eval()
-        >>> bank = build_bank(net, {"clean": torch.rand(20, 3, 8, 8), "bright": torch.rand(20, 3, 8, 8) + 3}, n=8)
-        >>> selector = BankModel(copy.deepcopy(net), bank).eval()
-        >>> _ = selector(torch.rand(1, 3, 8, 8) + 3)
-        >>> selector.last, selector.counts["bright"]
-        ('bright', 1)
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        bank: Bank,
-        layers: Iterable[str] | None = None,
-        part: str = "both",
-        mix: bool = False,
-        temperature: float = 1.0,
-        fallback: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"expected a positive finite temperature for the bank's mix, got {temperature}")
-        if not fallback >= 0:  # also refuses NaN; inf turns the fallback off
-            raise ValueError(f"expected fallback >= 0 (times the bank's threshold; inf: never), got {fallback}")
-        bank.check_fits(model)
-        self.model = model
-        self.conditions = bank.conditions
-        self.mix, self.temperature = bool(mix), float(temperature)
-        self.limit = float(fallback) * bank.threshold
-        found = dict(bn_layers(model))
-        names = bank.layers if layers is None else list(layers)
-        self._layers = [found[n] for n in names]  # a plain list: they are submodules of self.model already
-        source = BNStats.from_model(model, names)
-        rows = [mix_stats(source, _subset(bank.stats[c], names), 1.0, part) for c in self.conditions] + [source]
-        for i, n in enumerate(names):  # buffers, so that .to(device) and deep copies carry them
-            self.register_buffer(f"_mean{i}", torch.stack([r.mean[n] for r in rows]), persistent=False)
-            self.register_buffer(f"_var{i}", torch.stack([r.var[n] for r in rows]), persistent=False)
-        self.register_buffer("_sig_mean", torch.stack([bank.signature_mean[c] for c in self.conditions]), False)
-        self.register_buffer("_sig_std", torch.stack([bank.signature_std[c] for c in self.conditions]), False)
-        self._source_row = len(self.conditions)
-        # The signature is defined with source statistics: selected signature layers get them back for the probe.
-        self._sig_rows = [i for i, n in enumerate(names) if n in bank.signature_layers]
-        self._probe = _Probe()
-        self._probe.attach([found[n] for n in bank.signature_layers])
-        self._current: int | None = self._source_row  # the row every selected layer holds now (None: mixed)
-        self.counts: dict[str, int] = {}
-        self.last: str | None = None
-        self.reset_counts()
-        p = next(iter(model.buffers()), None)
-        if p is not None:
-            self.to(p.device)
-
-    def reset_counts(self) -> None:
-        """Set every selection count to 0."""
-        self.counts = dict.fromkeys([*self.conditions, FALLBACK], 0)
-
-    def _buffers_of(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"_mean{i}"), getattr(self, f"_var{i}")
-
-    @torch.no_grad()
-    def _set_row(self, row: int, only: list[int] | None = None) -> None:
-        for i in range(len(self._layers)) if only is None else only:
-            mean, var = self._buffers_of(i)
-            self._layers[i].running_mean.copy_(mean[row])
-            self._layers[i].running_var.copy_(var[row])
-
-    @torch.no_grad()
-    def select(self, x: torch.Tensor) -> str:
-        """Score the entries for batch ``x``, put the chosen statistics in place and return the choice's name."""
-        if self._current != self._source_row and self._sig_rows:
-            self._set_row(self._source_row, self._sig_rows)
-            self._current = None
-        sig = self._probe(self.model, x)
-        nll, dist = _scores(sig, self._sig_mean, self._sig_std)
-        nll, dist = nll.mean(0), dist.mean(0)
-        best = int(nll.argmin())
-        if not float(dist[best]) <= self.limit:  # NaN falls back too
-            row, choice = self._source_row, FALLBACK
-        elif self.mix:
-            w = torch.softmax(-nll / self.temperature, 0)
-            for i, layer in enumerate(self._layers):
-                mean, var = self._buffers_of(i)
-                # The source row gets no weight: the mix is over the bank's entries.
-                layer.running_mean.copy_(w @ mean[:-1])
-                layer.running_var.copy_(w @ var[:-1])
-            self._current = None
-            return self._count(self.conditions[best])
-        else:
-            row, choice = best, self.conditions[best]
-        if row != self._current:
-            self._set_row(row)
-            self._current = row
-        return self._count(choice)
-
-    def _count(self, choice: str) -> str:
-        self.counts[choice] += 1
-        self.last = choice
-        return choice
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0]:
-            # Selection in float32 as at build time, also under autocast: a bf16 signature or mix would drift.
-            with torch.autocast(x.device.type, enabled=False):
-                self.select(x)
-        return self.model(x)
-
-
-def _subset(stats: BNStats, names: list[str]) -> BNStats:
-    return BNStats(mean={n: stats.mean[n] for n in names}, var={n: stats.var[n] for n in names})
-
-
-@register_method(
-    "bank", images="unused", online=True, options={"bank": "", "mix": False, "temperature": 1.0, "fallback": 1.0}
-)
-def _bank(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    path = cfg.options["bank"]
-    if not path:
-        raise ValueError(
-            "expected option bank=<file.safetensors> (written by bnadapt bank build) for method bank, got none; "
-            "pass --opt bank=FILE"
-        )
-    if not Path(path).is_file():
-        raise ValueError(f"expected option bank to name a bank file (from bnadapt bank build), got none at {path}")
-    bank = Bank.load(path, model)
-    opts = cfg.options
-    return BankModel(model, bank, layers, cfg.part, opts["mix"], opts["temperature"], opts["fallback"])

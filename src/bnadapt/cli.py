@@ -500,7 +500,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
         info = bank.info
         print(f"bank {args.file}: {len(bank.conditions)} conditions, {len(bank.layers)} BN layers of "
               f"{info.get('model')}, n={info.get('n')} seed={info.get('seed')}, signature of the first "
-              f"{len(bank.signature_layers)} BN layers, fallback threshold {bank.threshold:.3g}, bnadapt "
+              f"{len(bank.signature_layers)} BN layers, fallback thresholds "
+              f"{', '.join(f'{k} {v:.3g}' for k, v in bank.thresholds.items())}, bnadapt "
               f"{info.get('bnadapt_version')}")  # fmt: skip
         if info.get("data"):
             print(f"data: {info['data']}")
