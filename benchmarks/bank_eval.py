@@ -31,6 +31,7 @@ from bnadapt import adapt, load_model
 from bnadapt.bank import FALLBACK, Bank, build_bank_from_data
 from bnadapt.corruptions import GROUPS
 from bnadapt.data import CLEAN, open_data, read_images, to_float_nchw
+from bnadapt.report import ABBR
 
 STORED = (1, 3, 5)
 ONLINE = ("source", "test-batch", "bank", "bank-diagonal")
@@ -78,7 +79,11 @@ def main() -> None:
     p.add_argument("--opt", action="append", default=[], help="bank method option KEY=VALUE (e.g. mix=true)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-image calls)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tables-only", action="store_true", help="print the tables of a finished run in --out")
     args = p.parse_args()
+    if args.tables_only:
+        print(tables(json.loads((args.out / "bank_eval.json").read_text())["rows"]))
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     build_npz, eval_npz = _split(args.images, args.out)
@@ -169,7 +174,7 @@ def tables(rows: list[dict]) -> str:
             "| ms | " + " | ".join(f"{ms[m]:.2f}" for m in ONLINE) + " |",
             "| x source | " + " | ".join(f"{ms[m] / ms['source']:.2f}" for m in ONLINE) + " |"]  # fmt: skip
     names = list(GROUPS["all"])
-    out += ["", "| -b 1 (mean over severities) | " + " | ".join(n[:5] for n in names) + " |",
+    out += ["", "| -b 1 (mean over severities) | " + " | ".join(ABBR[n] for n in names) + " |",
             "|---|" + "---:|" * len(names)]  # fmt: skip
     for label, get in (
         ("source", lambda r: r["b1"]["accuracy"]["source"]),

@@ -290,3 +290,13 @@ def test_bench_with_a_missing_bank_exits_2(tmp_path, resnet20_checkpoint, capsys
             str(tmp_path / "r"), "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "name a bank file" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_selector_on_cuda_chooses_as_on_cpu(bank_file, tiny):
+    cpu = adapt(tiny, method="bank", options={"bank": str(bank_file)})
+    gpu = adapt(copy.deepcopy(tiny).cuda(), method="bank", options={"bank": str(bank_file)})
+    x = _images("bright", 4, seed=12)
+    with torch.inference_mode():
+        a, b = cpu(x), gpu(x.cuda())
+    assert gpu.last == cpu.last == "bright" and torch.allclose(a, b.cpu(), atol=1e-4)

@@ -464,8 +464,6 @@ def build_bank_from_data(
             f"expected clean images in the data for the bank's source entry, got only corrupted cells of "
             f"{data.spec}; pass --clean with a clean .npz or class folder"
         )
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:  # checked here too: the draw below needs it
-        raise ValueError(f"expected n >= 2 images per condition (a spread needs two), got {n!r}")
     info = {"model": model_name or type(model).__name__, "data": str(data.spec), "corrupt_seed": data.seed,
             "limit_per_cell": data.limit}  # fmt: skip
     return build_bank(model, _CellImages(data, n, seed), n, seed, k_signature, batch_size, device, info=info,
