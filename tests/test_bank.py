@@ -290,6 +290,7 @@ def test_bench_with_a_missing_bank_exits_2(tmp_path, resnet20_checkpoint, capsys
             str(tmp_path / "r"), "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "name a bank file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused when the options were parsed, before anything was written
 
 
 @pytest.mark.cuda

@@ -98,7 +98,7 @@ def test_bad_input_one_line_exit_2(setup, capsys):
     assert "lower --n" in _err(capsys) and (setup / "o" / RESULTS).read_bytes() == before
     assert main(_bench(setup, "x", data="cifar:/nowhere")) == 2
     assert "expected --data" in _err(capsys)
-    assert main(_bench(setup, "x", "--methods", "source,tent")) == 2
+    assert main(_bench(setup, "x", "--methods", "source,magic")) == 2
     assert "--methods" in _err(capsys)
 
 

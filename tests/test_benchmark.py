@@ -106,7 +106,7 @@ def test_bad_config(data):
     with pytest.raises(ValueError, match="lower --n"):
         run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(41,)))
     with pytest.raises(ValueError, match="--methods"):
-        run_benchmark({"t": make_tiny()}, data, BenchConfig(methods=("tent",)))
+        run_benchmark({"t": make_tiny()}, data, BenchConfig(methods=("magic",)))
 
 
 def test_amp_and_channels_last_run(data):

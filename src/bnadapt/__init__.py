@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+from . import shrink as _shrink  # noqa: F401  (registers sequential and auto)
 from .adapt import adapt, method_names, register_method
 from .bank import Bank, build_bank
 from .bank_model import BankModel  # also registers the method bank
@@ -16,12 +17,14 @@ from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
 from .data import open_data, read_images, to_float_nchw
 from .models import load_model, model_names
+from .tent import Tent  # importing the module registers the tent method
 
 __all__ = [
     "BNStats",
     "Bank",
     "BankModel",
     "BenchConfig",
+    "Tent",
     "adapt",
     "bn_layers",
     "build_bank",

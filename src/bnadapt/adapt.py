@@ -10,7 +10,9 @@ options, and returns the adapted model in eval mode:
 - ``test-batch``: every inference batch is normalised with its own statistics (Nado et al. 2020; tent's "norm").
 - ``ema``: online: each inference batch first moves the running statistics by ``momentum`` towards its own, then is
   normalised with them, for deployments that see an endless stream.
-- ``bank`` (:mod:`bnadapt.bank_model`): online: each inference batch, down to one image, gets the statistics of the
+- ``tent`` (in :mod:`bnadapt.tent`): online: ``test-batch`` plus one entropy-minimising optimiser step on the BN
+  affine parameters per batch (Wang et al. 2021).
+- ``bank`` (in :mod:`bnadapt.bank_model`): online: each inference batch, down to one image, gets the statistics of the
   best-matching condition of a bank built beforehand (``bnadapt bank build``), or the source statistics.
 """
 
@@ -72,20 +74,27 @@ class _MethodEntry:
     images: str  # "required", "optional" (used when given) or "unused"
     online: bool  # adapts while it runs inference: no fixed statistics to save
     options: Mapping[str, Any]  # name -> default; the default's type is the option's type
+    check: Callable[[dict[str, Any]], None] | None = None  # refuses bad option values (ValueError)
 
 
 _METHODS: dict[str, _MethodEntry] = {}
 
 
 def register_method(
-    name: str, images: str = "required", online: bool = False, options: Mapping[str, Any] | None = None
+    name: str,
+    images: str = "required",
+    online: bool = False,
+    options: Mapping[str, Any] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Method], Method]:
     """Add an adaptation method to the registry under ``name`` (used by :func:`adapt`, the CLI and benchmarks).
 
     ``images`` says whether the method needs target images ("required"), uses them when given ("optional"), or
     never looks at them ("unused"); ``online`` methods keep adapting during inference, so they have no fixed
     statistics to save. ``options`` maps the method's own option names to defaults (their types are the options'
-    types); the method reads them from ``cfg.options``.
+    types); the method reads them from ``cfg.options``. ``check``, if given, gets the method's options (defaults
+    filled in) whenever they are parsed and raises ValueError for bad values, so a benchmark refuses them before it
+    writes anything.
 
     Example:
         >>> @register_method("my-noop", images="unused", options={"strength": 1.0})
@@ -99,7 +108,7 @@ def register_method(
         raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _METHODS[name] = _MethodEntry(fn, images, online, dict(options or {}))
+        _METHODS[name] = _MethodEntry(fn, images, online, dict(options or {}), check)
         return fn
 
     return deco
@@ -145,6 +154,10 @@ def parse_options(methods: Iterable[str], items: Iterable[str] | Mapping[str, An
             known = ", ".join(sorted(accepted)) or "none"
             raise ValueError(f"expected an option of method(s) {', '.join(methods)} (accepted: {known}), got {key!r}")
         out[key] = _coerce(key, value, accepted[key])
+    for m in methods:
+        entry = _entry(m)
+        if entry.check is not None:
+            entry.check({**entry.options, **{k: v for k, v in out.items() if k in entry.options}})
     return out
 
 
@@ -182,7 +195,7 @@ def method_names() -> list[str]:
 
 
 def is_online(name: str) -> bool:
-    """Whether method ``name`` adapts during inference (``test-batch``, ``ema``) rather than once, up front."""
+    """Whether method ``name`` adapts during inference (``test-batch``, ``ema``, ``tent``), not once up front."""
     return _entry(name).online
 
 
@@ -261,7 +274,7 @@ def adapt(
     Args:
         model: any module with BatchNorm layers, taking the images as given.
         images: target images: uint8 (N, H, W, C) array/tensor, float (N, C, H, W) tensor, or an iterable of batches
-            (or (x, y) pairs). Not needed by ``source``, ``test-batch`` and ``ema``.
+            (or (x, y) pairs). Not needed by ``source``, ``test-batch``, ``ema`` and ``tent``.
         method: one of :func:`method_names`.
         n: number of adaptation images, drawn at random (seeded) from an array; the first n of an iterable; all if
             None.
@@ -337,10 +350,13 @@ def _prior(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.
     return model
 
 
-@register_method("test-batch", images="unused", online=True)
-def _test_batch(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    if cfg.part != "both":
-        raise ValueError("expected part='both' for test-batch: a batch's own statistics replace both mean and variance")
+def use_batch_stats(model: nn.Module, layers: Iterable[str], part: str = "both", method: str = "test-batch") -> None:
+    """Make the BN layers ``layers`` of ``model`` normalise every batch with its own statistics, in place.
+
+    Shared by ``test-batch`` and ``tent``; ``part`` and ``method`` are checked and named in the error.
+    """
+    if part != "both":
+        raise ValueError(f"expected part='both' for {method}: a batch's own statistics replace both mean and variance")
     found = dict(bn_layers(model))
     for name in layers:
         layer = found[name]
@@ -349,6 +365,11 @@ def _test_batch(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -
         layer.running_mean = None
         layer.running_var = None
         layer.num_batches_tracked = None
+
+
+@register_method("test-batch", images="unused", online=True)
+def _test_batch(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
+    use_batch_stats(model, layers, cfg.part, "test-batch")
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,14 +59,7 @@ class BankModel(nn.Module):
         clean_prior: float = 0.5,
     ) -> None:
         super().__init__()
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"expected a positive finite temperature for the bank's mix, got {temperature}")
-        if not fallback >= 0:  # also refuses NaN; inf turns the fallback off
-            raise ValueError(f"expected fallback >= 0 (times the bank's threshold; inf: never), got {fallback}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"expected covariance to be one of {', '.join(COVARIANCES)}, got {covariance!r}")
-        if not 0 < clean_prior < 1:
-            raise ValueError(f"expected clean_prior (the clean entry's prior probability) in (0, 1), got {clean_prior}")
+        _check_settings(temperature, fallback, covariance, clean_prior)
         bank.check_fits(model)
         self.model = model
         self.conditions = bank.conditions
@@ -172,20 +166,38 @@ def _subset(stats: BNStats, names: list[str]) -> BNStats:
     return BNStats(mean={n: stats.mean[n] for n in names}, var={n: stats.var[n] for n in names})
 
 
-_OPTIONS = {"bank": "", "mix": False, "temperature": 1.0, "fallback": 1.0, "covariance": "pooled", "clean_prior": 0.5}
+def _check_settings(temperature: float, fallback: float, covariance: str, clean_prior: float) -> None:
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"expected a positive finite temperature for the bank's mix, got {temperature}")
+    if not fallback >= 0:  # also refuses NaN; inf turns the fallback off
+        raise ValueError(f"expected fallback >= 0 (times the bank's threshold; inf: never), got {fallback}")
+    if covariance not in COVARIANCES:
+        raise ValueError(f"expected covariance to be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    if not 0 < clean_prior < 1:
+        raise ValueError(f"expected clean_prior (the clean entry's prior probability) in (0, 1), got {clean_prior}")
 
 
-@register_method("bank", images="unused", online=True, options=_OPTIONS)
-def _bank(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    path = cfg.options["bank"]
-    if not path:
+def _check_options(opts: dict[str, Any]) -> None:
+    """Refuse a missing bank file and bad values (called by the registry whenever options are parsed, so a
+    benchmark refuses them before it writes anything)."""
+    if not opts["bank"]:
         raise ValueError(
             "expected option bank=<file.safetensors> (written by bnadapt bank build) for method bank, got none; "
             "pass --opt bank=FILE"
         )
-    if not Path(path).is_file():
-        raise ValueError(f"expected option bank to name a bank file (from bnadapt bank build), got none at {path}")
-    bank = Bank.load(path, model)
-    opts = cfg.options
+    if not Path(opts["bank"]).is_file():
+        raise ValueError(
+            f"expected option bank to name a bank file (from bnadapt bank build), got none at {opts['bank']}"
+        )
+    _check_settings(opts["temperature"], opts["fallback"], opts["covariance"], opts["clean_prior"])
+
+
+_OPTIONS = {"bank": "", "mix": False, "temperature": 1.0, "fallback": 1.0, "covariance": "pooled", "clean_prior": 0.5}
+
+
+@register_method("bank", images="unused", online=True, options=_OPTIONS, check=_check_options)
+def _bank(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
+    opts = cfg.options  # checked by _check_options when adapt() parsed them
+    bank = Bank.load(opts["bank"], model)
     return BankModel(model, bank, layers, cfg.part, opts["mix"], opts["temperature"], opts["fallback"],
                      opts["covariance"], opts["clean_prior"])  # fmt: skip
