@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from . import shrink as _shrink  # noqa: F401  (registers sequential and auto)
 from .adapt import adapt, method_names, register_method
+from .bank import Bank, build_bank
+from .bank_model import BankModel  # also registers the method bank
 from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
@@ -19,10 +21,13 @@ from .tent import Tent  # importing the module registers the tent method
 
 __all__ = [
     "BNStats",
+    "Bank",
+    "BankModel",
     "BenchConfig",
     "Tent",
     "adapt",
     "bn_layers",
+    "build_bank",
     "corrupt",
     "corruption_names",
     "estimate_stats",

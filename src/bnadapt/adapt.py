@@ -12,6 +12,8 @@ options, and returns the adapted model in eval mode:
   normalised with them, for deployments that see an endless stream.
 - ``tent`` (in :mod:`bnadapt.tent`): online: ``test-batch`` plus one entropy-minimising optimiser step on the BN
   affine parameters per batch (Wang et al. 2021).
+- ``bank`` (in :mod:`bnadapt.bank_model`): online: each inference batch, down to one image, gets the statistics of the
+  best-matching condition of a bank built beforehand (``bnadapt bank build``), or the source statistics.
 """
 
 from __future__ import annotations

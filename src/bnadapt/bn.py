@@ -132,6 +132,23 @@ class BNStats:
         Every stored layer must exist in the model with the same number of channels; layers not stored are left
         alone. Values are copied in the layer's own dtype and device, so a snapshot restores bit-exactly.
         """
+        found = self.check_fits(model)
+        with torch.no_grad():
+            for n in self.names:
+                found[n].running_mean.copy_(self.mean[n])
+                found[n].running_var.copy_(self.var[n])
+        return model
+
+    def check_fits(self, model: nn.Module) -> dict[str, _BatchNorm]:
+        """Raise a ValueError unless every stored layer exists in ``model`` with the same number of channels.
+
+        Returns ``model``'s BN layers by name.
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            >>> list(BNStats.from_model(net).check_fits(net))
+            ['1']
+        """
         found = dict(bn_layers(model))
         missing = [n for n in self.names if n not in found]
         if missing:
@@ -146,11 +163,7 @@ class BNStats:
                     f"expected {tuple(layer.running_mean.shape)} channels for BN layer {n!r}, "
                     f"got statistics of shape {tuple(self.mean[n].shape)}; were they made for another architecture?"
                 )
-        with torch.no_grad():
-            for n in self.names:
-                found[n].running_mean.copy_(self.mean[n])
-                found[n].running_var.copy_(self.var[n])
-        return model
+        return found
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as safetensors (``<layer>.mean`` / ``<layer>.var`` tensors + JSON metadata), written atomically."""
@@ -197,17 +210,7 @@ class BNStats:
                         raise ValueError(f"expected tensors for layer {n!r} listed in the file's metadata, found none")
                     mean[n] = f.get_tensor(f"{n}.mean").float()
                     var[n] = f.get_tensor(f"{n}.var").float()
-                    if mean[n].ndim != 1 or mean[n].shape != var[n].shape:
-                        raise ValueError(
-                            f"expected matching 1-D mean and var for layer {n!r}, got shapes "
-                            f"{tuple(mean[n].shape)} and {tuple(var[n].shape)}"
-                        )
-                    # Applied as-is, a NaN or a negative variance would silently turn every prediction into NaN.
-                    if not (torch.isfinite(mean[n]).all() and torch.isfinite(var[n]).all() and (var[n] >= 0).all()):
-                        raise ValueError(
-                            f"expected finite means and non-negative finite variances for layer {n!r}, got NaN, "
-                            "inf or negative values; the file is damaged or was not written by bnadapt"
-                        )
+                    check_layer_values(n, mean[n], var[n])
                 count = json.loads(meta.get("count", "{}"))
                 user = json.loads(meta.get("user", "{}"))
                 if (
@@ -224,6 +227,27 @@ class BNStats:
                 f"expected a readable bnadapt statistics file at {path}, got an unreadable one ({e})"
             ) from e
         return cls(mean=mean, var=var, count=count, metadata={str(k): str(v) for k, v in user.items()})
+
+
+def check_layer_values(name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Raise a ValueError unless ``mean`` and ``var`` are matching 1-D tensors of finite values, ``var >= 0``.
+
+    For statistics read from a file.
+
+    Example:
+        >>> check_layer_values("bn", torch.zeros(2), torch.ones(2))
+    """
+    if mean.ndim != 1 or mean.shape != var.shape:
+        raise ValueError(
+            f"expected matching 1-D mean and var for layer {name!r}, got shapes {tuple(mean.shape)} and "
+            f"{tuple(var.shape)}"
+        )
+    # Applied as-is, a NaN or a negative variance would silently turn every prediction into NaN.
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
+        raise ValueError(
+            f"expected finite means and non-negative finite variances for layer {name!r}, got NaN, inf or negative "
+            "values; the file is damaged or was not written by bnadapt"
+        )
 
 
 class _Moments:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_bank import add_bank_parser, cmd_bank  # its helpers import this module lazily
+
 EXIT_USAGE = 2
 
 # Errors that mean "the input or the options are wrong"; anything else is a bug and keeps its traceback.
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="skip the cells already finished in OUT/<analysis>/")
     g.add_argument("--no-plots", action="store_true", help="tables only")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+    add_bank_parser(sub)
 
     p = sub.add_parser("report", help="regenerate summary.json, report.md/csv and plots from a results folder")
     p.add_argument("dir", type=Path, help="a folder written by bnadapt bench")
@@ -548,7 +552,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"adapt": cmd_adapt, "corrupt": cmd_corrupt, "demo": cmd_demo, "bench": cmd_bench, "sweep": cmd_bench,
-            "analyze": cmd_analyze, "report": cmd_report}  # fmt: skip
+            "analyze": cmd_analyze, "bank": cmd_bank, "report": cmd_report}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
