@@ -1,4 +1,4 @@
-"""Numbers quoted next to the `bnadapt analyze` tables in docs/fragments/analyze-results.md, read from its --out folder.
+"""Numbers quoted next to the `bnadapt analyze` tables in docs/results.md, read from its --out folder.
 
 - transfer: mean gain over the source row of the diagonal, of same-family and of other-family (adapt on A, evaluate
   on B) pairs, families as in ``bnadapt.corruptions.GROUPS``;

@@ -1,4 +1,4 @@
-"""Held-out evaluation of the statistics bank (docs/fragments/bank-results.md).
+"""Held-out evaluation of the statistics bank (docs/results.md).
 
 The 1000 lossless CIFAR-10 test images are split: images 0..499 build a ResNet-20 bank (the 15 benchmark corruptions
 at severities 1, 3, 5, plus clean; n=64), images 500..999 are corrupted on the fly with all 19 corruptions x 5
