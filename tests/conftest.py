@@ -100,6 +100,15 @@ def make_tiny(seed: int = 0, in_ch: int = 3) -> TinyNet:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: torch's thread pool only adds spin-waits (many times slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny() -> TinyNet:
     return make_tiny()
 

@@ -25,13 +25,7 @@ def _images(cond: str, n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * scale + offset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Per-image calls are tiny ops: on a busy machine, two threads waiting on each other cost 100x the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
