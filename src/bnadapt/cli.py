@@ -9,190 +9,33 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_bank import add_bank_parser, cmd_bank  # its helpers import this module lazily
-
-EXIT_USAGE = 2
-
-# Errors that mean "the input or the options are wrong"; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _severities(text: str) -> tuple[int, ...]:
-    values = _int_list(text)
-    if any(not 1 <= v <= 5 for v in values):
-        raise argparse.ArgumentTypeError(f"expected severities within 1..5, got {text!r}")
-    return values
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` or a range ``"0-4"`` -> a tuple of non-negative integers."""
-    try:
-        if "-" in text:
-            lo, hi = (int(t) for t in text.split("-", 1))
-            values = tuple(range(lo, hi + 1))
-        else:
-            values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4 or a range like 0-4, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers like 1,2,4 or 0-4, got {text!r}")
-    return values
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-SWEEP_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def _add_bench_data_args(p: argparse.ArgumentParser, severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
-    """The model and data groups of bench, sweep and analyze."""
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        required=True,
-        nargs="+",
-        metavar="NAME",
-        help="one or more of cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>",
-    )
-    g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (one model only)")
-    g.add_argument("--weights", help="torchvision weights enum (e.g. IMAGENET1K_V1), from the local cache only")
-    g.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling Python objects (trusted files)")
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        required=True,
-        help="cifar-c:DIR, imagenet-c:DIR, folder:DIR, npz:FILE or "
-        "generate:<cifar|imagenet>:<npz|DIR> (clean images corrupted on the fly)",
-    )
-    g.add_argument("--clean", type=Path, help="clean .npz or class folder to evaluate too (cifar-c/imagenet-c data)")
-    g.add_argument(
-        "--corruptions",
-        nargs="+",
-        metavar="NAME",
-        help="names, or common, extra, all, noise, blur, weather, digital (default: all 19)",
-    )
-    g.add_argument("--severities", "--severity", dest="severities", type=_severities, default=severities,
-                   help=f"e.g. 1-5 or 1,3,5 (default: {','.join(map(str, severities))})")  # fmt: skip
-    g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
-    g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
-    g.add_argument(
-        "--limit-per-cell",
-        type=int,
-        metavar="K",
-        help="evaluate K images per cell, spread evenly over it (a subset, recorded in the results)",
-    )
-
-
-def _add_seeds_arg(g) -> None:
-    g.add_argument("--seeds", "--seed", dest="seeds", type=_int_list, default=(0,), metavar="S1,S2",
-                   help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)")  # fmt: skip
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
-    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) for evaluation")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-
-
-def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
-    from .adapt import method_names
-
-    _add_bench_data_args(p)
-    g = p.add_argument_group("protocol")
-    g.add_argument(
-        "--methods",
-        type=_name_list,
-        default=("source", "replace"),
-        metavar="M1,M2",
-        help=f"comma list of {', '.join(method_names())} (default: source,replace)",
-    )
-    g.add_argument(
-        "--n",
-        type=_int_list,
-        default=SWEEP_NS if sweep else (32,),
-        metavar="N1,N2",
-        help="adaptation images per cell, a comma list for a sweep (default: "
-        f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
-    )
-    _add_seeds_arg(g)
-    g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
-    g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
-    depth = g.add_mutually_exclusive_group()
-    depth.add_argument("--first", type=_positive_int, metavar="K", help="adapt only the first K BN layers")
-    depth.add_argument("--last", type=_positive_int, metavar="K", help="adapt only the last K BN layers")
-    _add_option_arg(g)
-    g.add_argument(
-        "--adapt-on", metavar="CELL", help="adapt on this one cell (e.g. fog:3, or clean) and evaluate on every cell"
-    )
-    _add_run_args(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, type=Path, help="results folder (results.jsonl, summary.json, report.md)")
-    g.add_argument("--resume", action="store_true", help="skip the cells already in --out")
-    g.add_argument("--force", action="store_true", help="write into a folder holding results of another command")
-    g.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE (default: AlexNet on ImageNet-C)")
-    g.add_argument("--no-plots", action="store_true", help="tables only")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
-
-
-def _progress_bar(total: int, enabled: bool, unit: str):
-    """A tqdm bar on a terminal (and when not disabled), else a no-op with the same update()/close() calls."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
-
-
-def _advance(bar, step: int, total: int) -> None:
-    """Move a progress bar by ``step``, first adopting ``total`` (known only once the work has started)."""
-    if bar.total != total:
-        bar.total = total
-        bar.refresh()
-    bar.update(step)
-
-
-def _add_option_arg(g) -> None:
-    g.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method's own option, repeatable (e.g. --opt lr=0.001 for tent; see the methods' docs)",
-    )
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>")
-    g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (.pt/.pth/.th)")
-    g.add_argument("--weights", help="torchvision weights enum (e.g. IMAGENET1K_V1), from the local cache only")
-    g.add_argument(
-        "--trust-checkpoint", action="store_true", help="allow unpickling Python objects (trusted files only)"
-    )
+from ._cli_util import (
+    EXIT_USAGE,
+    USER_ERRORS,
+    _add_model_args,
+    _add_option_arg,
+    _advance,
+    _int_list,
+    _Parser,
+    _positive_int,
+    _progress_bar,
+    _severities,
+)
+from .cli_bank import add_bank_parser, cmd_bank
+from .cli_bench import (
+    _add_bench_args,
+    _add_bench_data_args,
+    _add_run_args,
+    _add_seeds_arg,
+    _corruption_names,
+    cmd_analyze,
+    cmd_bench,
+)
 
 
 def _add_adapt_args(p: argparse.ArgumentParser) -> None:
@@ -393,151 +236,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(Schneider et al. 2020)."
     )
     print(f"report with a plot: {report} ({time.perf_counter() - t0:.0f}s)")
-    return 0
-
-
-def _print_summary(summary: list[dict]) -> None:
-    many = len({s["model"] for s in summary}) > 1
-    header = (
-        f"{'model  ' if many else ''}{'method':<12}{'n':>5}{'seeds':>7}{'mean acc %':>14}{'clean %':>9}{'mCE %':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for s in summary:
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        mean = pct(s["mean_acc"]) + (f"±{100 * s['mean_acc_std']:.1f}" if s["mean_acc_std"] else "")
-        seeds = len([t for t in s["seeds"] if t is not None]) or "-"
-        print(
-            f"{s['model'] + '  ' if many else ''}{s['method']:<12}{s['n'] or '-':>5}{seeds:>7}{mean:>14}"
-            f"{pct(s['clean_acc']):>9}{pct(s['mce']):>8}"
-        )
-
-
-def _corruption_names(items: Sequence[str] | None) -> list[str]:
-    """--corruptions (names or groups such as common; default all 19) as a list of names without repeats."""
-    from .corruptions import GROUPS
-
-    names: list[str] = []
-    for item in items or ["all"]:
-        names.extend(GROUPS.get(item, (item,)))
-    return list(dict.fromkeys(names))
-
-
-def _open_bench_data(args: argparse.Namespace):
-    """The cells of --data x --corruptions x --severities, as bench and analyze take them."""
-    from .data import open_data
-
-    names = _corruption_names(args.corruptions)
-    return open_data(args.data, names, args.severities, args.allow_partial, args.corrupt_seed, clean=args.clean,
-                     limit=args.limit_per_cell)  # fmt: skip
-
-
-def _workers(args: argparse.Namespace) -> int:
-    return args.workers if args.workers is not None else (0 if args.device == "cpu" else min(4, os.cpu_count() or 1))
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .adapt import method_names, parse_options
-    from .benchmark import BenchConfig, run_benchmark
-    from .metrics import load_baseline
-    from .models import load_model
-    from .report import build_summary, write_report
-
-    if args.checkpoint is not None and len(args.model) > 1:
-        raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
-    baseline = load_baseline(args.baseline) if args.baseline else None
-    data = _open_bench_data(args)
-    models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
-    extra = {"clean": str(args.clean) if args.clean else None}
-    if args.limit_per_cell is not None:  # only when set: results of earlier versions stay resumable
-        extra["limit_per_cell"] = args.limit_per_cell
-    config = BenchConfig(
-        tuple(args.methods),
-        tuple(args.n),
-        tuple(args.seeds),
-        args.batch_size,
-        _workers(args),
-        args.device,
-        args.amp,
-        args.channels_last,
-        args.prior,
-        args.part,
-        args.adapt_on,
-        extra,
-        args.first,
-        args.last,
-        # Unknown methods are left to config.validate(), whose message names --methods.
-        parse_options([m for m in args.methods if m in method_names()], args.opt),
-    )
-    bar = _progress_bar(0, not args.no_progress, "cell")
-
-    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
-        shown = " ".join(f"{k} {100 * v:.1f}%" for k, v in list(accs.items())[:4])
-        bar.set_postfix_str(f"{label}: {shown}", refresh=False)
-        _advance(bar, 1, total)
-
-    t0 = time.perf_counter()
-    try:
-        run_benchmark(
-            models,
-            data,
-            config,
-            out=args.out,
-            command=["bnadapt", *args.argv],
-            resume=args.resume,
-            force=args.force,
-            progress=progress,
-        )
-    except KeyboardInterrupt:
-        bar.close()
-        print(
-            f"bnadapt: interrupted; finished cells are in {args.out / 'results.jsonl'}: rerun with --resume to "
-            "continue",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        bar.close()
-    loaded = build_summary(args.out, baseline)
-    write_report(args.out, "md", baseline, plots=not args.no_plots, loaded=loaded)
-    _print_summary(loaded.summary)
-    print(
-        f"\n{len(loaded.rows)} results in {args.out} (results.jsonl, summary.json, report.md) in "
-        f"{time.perf_counter() - t0:.0f}s"
-    )
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import run_analysis
-    from .benchmark import BenchConfig
-    from .models import load_model
-
-    if len(args.model) > 1:
-        raise ValueError(f"expected one --model for analyze, got {len(args.model)}; run one analysis per model")
-    data = _open_bench_data(args)
-    model = load_model(args.model[0], args.checkpoint, args.weights, args.trust_checkpoint)
-    config = BenchConfig(ns=(args.n,), seeds=tuple(args.seeds), batch_size=args.batch_size, jobs=_workers(args),
-                         device=args.device, amp=args.amp, channels_last=args.channels_last)  # fmt: skip
-    bar = _progress_bar(0, not args.no_progress, "cell")
-
-    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
-        bar.set_postfix_str(f"{label}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items()), refresh=False)
-        _advance(bar, done - bar.n, total)
-
-    t0 = time.perf_counter()
-    try:
-        result = run_analysis(args.analysis, {args.model[0]: model}, data, config, args.out, ks=args.ks,
-                              command=["bnadapt", *args.argv], resume=args.resume, plots=not args.no_plots,
-                              progress=progress)  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"bnadapt: interrupted; finished cells are kept in {args.out / args.analysis}: rerun with --resume to "
-              "continue", file=sys.stderr)  # fmt: skip
-        return 130
-    finally:
-        bar.close()
-    print(result.table)
-    print(f"\nwrote {', '.join(str(p) for p in result.files)} in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

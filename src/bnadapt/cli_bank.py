@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_bank_parser(sub) -> None:
     """Add ``bank build`` and ``bank show`` to the ``bnadapt`` subparsers ``sub``."""
-    from .cli import _add_model_args, _Parser, _positive_int, _severities
+    from ._cli_util import _add_model_args, _Parser, _positive_int, _severities
 
     p = sub.add_parser("bank", help="build or show a bank of BN statistics of known conditions (method bank)")
     bank = p.add_subparsers(dest="bank_command", metavar="{build,show}", required=True, parser_class=_Parser)
@@ -34,8 +34,9 @@ def add_bank_parser(sub) -> None:
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
+    from ._cli_util import _advance, _progress_bar
     from .bank import Bank, build_bank_from_data
-    from .cli import _advance, _corruption_names, _progress_bar
+    from .cli_bench import _corruption_names
 
     if args.bank_command == "show":
         bank = Bank.load(args.file)
