@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
-from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of, to_float_nchw
+from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of
 from .metrics import Accuracy
 from .results import Journal, read_results
 
@@ -53,7 +53,7 @@ class BenchConfig:
     batch_size: int = 256
     jobs: int = 0
     device: str = "cpu"
-    amp: bool = False
+    amp: bool | str = False  # False, "bf16", "fp16", or True: bf16 on CPU, fp16 on CUDA
     channels_last: bool = False
     prior: float = 16.0
     part: str = "both"
@@ -62,6 +62,7 @@ class BenchConfig:
     first: int | None = None
     last: int | None = None
     options: dict = field(default_factory=dict)
+    decode: str = "auto"  # where JPEG files are decoded and generate:'s corruptions run: auto (the device) or cpu
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in method_names()]
@@ -71,6 +72,10 @@ class BenchConfig:
             raise ValueError(f"expected sample sizes --n >= 1, got {list(self.ns)}")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"expected non-negative --seeds, got {list(self.seeds)}")
+        if self.decode not in ("auto", "cpu"):
+            raise ValueError(f"expected decode 'auto' or 'cpu', got {self.decode!r}")
+        if self.amp not in (False, True, "bf16", "fp16"):
+            raise ValueError(f"expected --amp bf16 or fp16, got {self.amp!r}")
         if self.batch_size < 1 or self.jobs < 0:
             raise ValueError(f"expected -b >= 1 and -j >= 0, got -b {self.batch_size} -j {self.jobs}")
         if not self.prior >= 0:  # also refuses NaN
@@ -158,9 +163,13 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
 class _Evaluator:
     """Moves uint8 NHWC batches to the device as [0, 1] NCHW floats and runs a model on them in inference mode."""
 
-    def __init__(self, device: torch.device, amp: bool, channels_last: bool) -> None:
-        self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    def __init__(self, device: torch.device, amp: bool | str, channels_last: bool, decode: str = "auto") -> None:
+        self.device, self.amp, self.channels_last = device, bool(amp), channels_last
+        # JPEG decoding and generate:'s corruptions run on the GPU when there is one, unless asked to stay on the CPU.
+        self.on_device = device.type == "cuda" and decode == "auto"
+        if amp is True:
+            amp = "bf16" if device.type == "cpu" else "fp16"
+        self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         # uint8 NHWC viewed as NCHW already has channels-last strides; copying it to NCHW-contiguous cost ~15% of
@@ -242,7 +251,7 @@ def run_benchmark(
         raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
     todo_variants = variants(config)
     models = {name: _prepare(m, config, device) for name, m in models.items()}
-    ev = _Evaluator(device, config.amp, config.channels_last)
+    ev = _Evaluator(device, config.amp, config.channels_last, config.decode)
     adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
     for name, model in models.items():  # every check that can fail runs before the journal is touched
         sets = [data.cell(*c) for c in data.cells]
@@ -290,15 +299,15 @@ def run_benchmark(
     return rows
 
 
-def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, device) -> tuple[nn.Module, float]:
+def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator) -> tuple[nn.Module, float]:
     """A fresh adapted copy of ``model`` for one variant, and the seconds it took."""
     method, n, seed = variant
+    device = ev.device
     t0 = time.perf_counter()
     images = None
     if method_uses_images(method):
-        images = to_float_nchw(source.get(sample_indices(len(source), n, seed)))
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes.
+        images = ev.inputs(source.load(sample_indices(len(source), n, seed), device, ev.on_device))
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
     options = {k: v for k, v in config.options.items() if k in method_options(method)}
     out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part, first=config.first,
@@ -325,7 +334,7 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
                         "accuracy": acc.compute(), "seconds": round(secs, 4), "adapt_on": config.adapt_on})  # fmt: skip
         return cell, out
 
-    for k, xb, yb in iter_batches_of(sets, config.batch_size, config.jobs, pin):
+    for k, xb, yb in iter_batches_of(sets, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
         if k != current:
             if current >= 0:
                 yield finish(current)
@@ -333,10 +342,10 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             state = []
             for variant in plan[k][1]:
                 if adapt_cell is None:
-                    m, secs = _adapted(model, variant, sets[k], config, ev.device)
+                    m, secs = _adapted(model, variant, sets[k], config, ev)
                 else:
                     if variant not in adapted_once:
-                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev.device)
+                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev)
                     m, secs = adapted_once[variant]
                     adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
                     # Online methods keep changing while they run: each cell starts from the same adapted state.
@@ -350,3 +359,6 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             entry[3] += time.perf_counter() - t0
     if current >= 0:
         yield finish(current)
+    fallbacks = sum(s.cpu_fallbacks() for s in sets)
+    if fallbacks:
+        log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)

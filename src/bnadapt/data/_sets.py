@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ._images import (
     _OUTSIDE_LINKS,
@@ -17,6 +18,7 @@ from ._images import (
     _load_npy,
     _numpy_reason,
     as_uint8_nhwc,
+    center_crop,
     list_image_files,
 )
 
@@ -38,6 +40,31 @@ class ImageSet:
     def get(self, indices: np.ndarray) -> np.ndarray:
         """The images at ``indices`` (sorted dataset positions) as one uint8 (k, H, W, C) array."""
         raise NotImplementedError
+
+    # Loading in two steps, so that a DataLoader worker does the CPU part (stage) and the main process the part that
+    # belongs on the GPU (finish): JPEG decoding, on-the-fly corruption. By default all work is done in stage().
+    def stage(self, indices: np.ndarray, on_device: bool = False) -> object:
+        """The worker's part of loading ``indices``; with ``on_device`` a set may leave work for :meth:`finish`."""
+        return torch.from_numpy(np.ascontiguousarray(self.get(indices)))
+
+    def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Complete :meth:`stage`'s work on ``device``: the images as a uint8 (k, H, W, C) tensor there."""
+        assert isinstance(staged, torch.Tensor)
+        return staged.to(device, non_blocking=True)
+
+    def load(self, indices: np.ndarray, device: torch.device | str = "cpu", on_device: bool = False) -> torch.Tensor:
+        """:meth:`stage` then :meth:`finish` in this process: the images at ``indices`` on ``device``.
+
+        Example:
+            >>> ArrayImages(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4)).load(np.array([0, 1])).shape
+            torch.Size([2, 32, 32, 3])
+        """
+        indices = np.asarray(indices, np.int64)
+        return self.finish(self.stage(indices, on_device), indices, torch.device(device))
+
+    def cpu_fallbacks(self) -> int:
+        """How many files device decoding could not read and the CPU decoder read instead."""
+        return 0
 
 
 class ArrayImages(ImageSet):
@@ -71,6 +98,43 @@ class FileImages(ImageSet):
         if prepare not in PREPARE:
             raise ValueError(f"expected prepare to be one of {PREPARE}, got {prepare!r}")
         self.files, self.labels, self.name, self.prepare = list(files), np.asarray(labels, np.int64), name, prepare
+        self._fallbacks = 0
+
+    def stage(self, indices: np.ndarray, on_device: bool = False) -> object:
+        # Resizing stays with PIL (its antialiased bilinear defines ImageNet-C's images); cropping is exact anywhere.
+        jpegs = all(self.files[int(i)].suffix.lower() in (".jpg", ".jpeg") for i in indices)
+        if not on_device or not jpegs or self.prepare == "resize256-crop224":
+            return super().stage(indices)
+        return _Encoded([torch.from_numpy(np.fromfile(self.files[int(i)], np.uint8)) for i in indices])
+
+    def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+        if not isinstance(staged, _Encoded):
+            return super().finish(staged, indices, device)
+        try:
+            images = _decode_jpegs(staged.data, device)
+        except RuntimeError:  # one bad file fails the whole batch: decode one by one to find it
+            images = []
+            for data, i in zip(staged.data, indices, strict=True):
+                try:
+                    images.append(_decode_jpegs(data, device))
+                except RuntimeError as e:
+                    self._fallbacks += 1
+                    log.warning("decoding %s on the CPU: the %s decoder refused it (%s)", self.files[int(i)],
+                                device.type, str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+                    im = _decode(self.files[int(i)], prepare=self.prepare)
+                    images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).to(device))
+        if self.prepare == "crop224":
+            images = [_center_crop_chw(im, 224) for im in images]
+        for i, im in zip(indices, images, strict=True):
+            if im.shape != images[0].shape:
+                raise ValueError(
+                    f"expected all images of {self.name} to be {images[0].shape[2]}x{images[0].shape[1]}, got "
+                    f"{im.shape[2]}x{im.shape[1]} in {self.files[int(i)]}; resize them to one size first"
+                )
+        return torch.stack(images).permute(0, 2, 3, 1)
+
+    def cpu_fallbacks(self) -> int:
+        return self._fallbacks
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         images = [_decode(self.files[int(i)], prepare=self.prepare) for i in indices]
@@ -101,6 +165,61 @@ class CorruptedImages(ImageSet):
         x = self.base.get(indices)
         x = corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist())
         return x if self.jpeg_quality is None else jpeg_roundtrip(x, self.jpeg_quality)
+
+    def _on_device(self) -> bool:
+        from ..corruptions import torch_corruption_names
+
+        return self.corruption in torch_corruption_names()
+
+    def stage(self, indices: np.ndarray, on_device: bool = False) -> object:
+        if on_device and self._on_device():  # corrupt in finish(), on the device, with the engine's torch path
+            return _Deferred(self.base.stage(indices, on_device))
+        return super().stage(indices)
+
+    def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+        if not isinstance(staged, _Deferred):
+            return super().finish(staged, indices, device)
+        from ..corruptions import corrupt
+
+        x = self.base.finish(staged.data, indices, device).contiguous()
+        x = corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist(),
+                    backend="torch")  # fmt: skip
+        if self.jpeg_quality is not None:  # Pillow's encoder defines the released files: a CPU round trip
+            x = torch.from_numpy(jpeg_roundtrip(x.cpu().numpy(), self.jpeg_quality)).to(device)
+        return x
+
+    def cpu_fallbacks(self) -> int:
+        return self.base.cpu_fallbacks()
+
+
+def _decode_jpegs(data, device: torch.device):
+    """torchvision's JPEG decoder (nvJPEG on CUDA) on one encoded file or a list of them, as RGB (C, H, W)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec's) but keeps them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+class _Encoded:
+    """Encoded JPEG files (uint8 byte tensors) staged for decoding on the device."""
+
+    def __init__(self, data: list[torch.Tensor]) -> None:
+        self.data = data
+
+
+class _Deferred:
+    """A base set's staged images whose corruption is left to finish()."""
+
+    def __init__(self, data: object) -> None:
+        self.data = data
+
+
+def _center_crop_chw(image: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`center_crop` for a (C, H, W) tensor."""
+    return center_crop(image.permute(1, 2, 0), size).permute(2, 0, 1)
 
 
 RELEASE_JPEG_QUALITY = 85  # ImageNet-C's files were saved by Pillow at quality 85
@@ -133,6 +252,15 @@ class IndexedImages(ImageSet):
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self.base.get(self.index[np.asarray(indices, np.int64)])
+
+    def stage(self, indices: np.ndarray, on_device: bool = False) -> object:
+        return self.base.stage(self.index[np.asarray(indices, np.int64)], on_device)
+
+    def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+        return self.base.finish(staged, self.index[np.asarray(indices, np.int64)], device)
+
+    def cpu_fallbacks(self) -> int:
+        return self.base.cpu_fallbacks()
 
 
 def spread_indices(total: int, limit: int) -> np.ndarray:
