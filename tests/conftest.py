@@ -132,3 +132,26 @@ def save_resnet20_checkpoint(folder: Path) -> Path:
 def resnet20_checkpoint(tmp_path: Path) -> Path:
     """A random-init CIFAR ResNet-20 with non-trivial BN statistics, saved as ``tmp_path/ck.pt``."""
     return save_resnet20_checkpoint(tmp_path)
+
+
+def write_jpeg(path: Path, w: int, h: int, seed: int) -> np.ndarray:
+    """A smooth w x h RGB JPEG (quality 90) at ``path``; returns the pixels it encoded."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    # Smooth content so that JPEG decoders agree closely; noise would magnify IDCT differences.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], -1)
+    img = np.clip(base + rng.integers(0, 20, 3), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=90)
+    return img
+
+
+def write_imagenet_c(root: Path, size: int) -> None:
+    """An ImageNet-C-layout folder: fog/1-2/<2 wnids>/3 smooth JPEGs of size x size each."""
+    for c in ("fog",):
+        for s in (1, 2):
+            for k, wnid in enumerate(("n01440764", "n01443537")):
+                for j in range(3):
+                    write_jpeg(root / c / str(s) / wnid / f"ILSVRC2012_val_{k}{j}.JPEG", size, size, 10 * k + j + s)

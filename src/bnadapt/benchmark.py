@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
-from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of, to_float_nchw
+from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of
 from .distributed import Dist, check_shardable
 from .metrics import Accuracy
 from .results import Journal, read_results
@@ -54,7 +54,7 @@ class BenchConfig:
     batch_size: int = 256
     jobs: int = 0
     device: str = "cpu"
-    amp: bool = False
+    amp: bool | str = False  # False, "bf16", "fp16", or True: bf16 on CPU, fp16 on CUDA
     channels_last: bool = False
     prior: float = 16.0
     part: str = "both"
@@ -63,6 +63,7 @@ class BenchConfig:
     first: int | None = None
     last: int | None = None
     options: dict = field(default_factory=dict)
+    decode: str = "auto"  # where JPEG files are decoded and generate:'s corruptions run: auto (the device) or cpu
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in method_names()]
@@ -72,6 +73,10 @@ class BenchConfig:
             raise ValueError(f"expected sample sizes --n >= 1, got {list(self.ns)}")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"expected non-negative --seeds, got {list(self.seeds)}")
+        if self.decode not in ("auto", "cpu"):
+            raise ValueError(f"expected decode 'auto' or 'cpu', got {self.decode!r}")
+        if self.amp not in (False, True, "bf16", "fp16"):
+            raise ValueError(f"expected --amp bf16 or fp16, got {self.amp!r}")
         if self.batch_size < 1 or self.jobs < 0:
             raise ValueError(f"expected -b >= 1 and -j >= 0, got -b {self.batch_size} -j {self.jobs}")
         if not self.prior >= 0:  # also refuses NaN
@@ -159,9 +164,13 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
 class _Evaluator:
     """Moves uint8 NHWC batches to the device as [0, 1] NCHW floats and runs a model on them in inference mode."""
 
-    def __init__(self, device: torch.device, amp: bool, channels_last: bool) -> None:
-        self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    def __init__(self, device: torch.device, amp: bool | str, channels_last: bool, decode: str = "auto") -> None:
+        self.device, self.amp, self.channels_last = device, bool(amp), channels_last
+        # JPEG decoding and generate:'s corruptions run on the GPU when there is one, unless asked to stay on the CPU.
+        self.on_device = device.type == "cuda" and decode == "auto"
+        if amp is True:
+            amp = "bf16" if device.type == "cpu" else "fp16"
+        self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         # uint8 NHWC viewed as NCHW already has channels-last strides; copying it to NCHW-contiguous cost ~15% of
@@ -213,7 +222,7 @@ def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig
         raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
     todo_variants = variants(config)
     models = {name: _prepare(m, config, device) for name, m in models.items()}
-    ev = _Evaluator(device, config.amp, config.channels_last)
+    ev = _Evaluator(device, config.amp, config.channels_last, config.decode)
     adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
     shard = dist.shard()
     for name, model in models.items():
@@ -311,10 +320,11 @@ def run_benchmark(
     return rows
 
 
-def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, device, shard=None):
+def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator, shard=None):
     """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with ``shard``: from this rank's
     part of the sample, its statistics combined with the other ranks')."""
     method, n, seed = variant
+    device = ev.device
     t0 = time.perf_counter()
     images = None
     combined: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -322,9 +332,8 @@ def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, dev
         indices = sample_indices(len(source), n, seed)
         if shard is not None:
             indices, combined = shard.adaptation(method, indices)
-        images = to_float_nchw(source.get(indices))
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes.
+        images = ev.inputs(source.load(indices, device, ev.on_device))
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
     options = {k: v for k, v in config.options.items() if k in method_options(method)}
     with combined:
@@ -366,7 +375,7 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
                         "accuracy": acc.compute(), "seconds": round(secs, 4), "adapt_on": config.adapt_on})  # fmt: skip
         return cell, out
 
-    for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin):
+    for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
         if k != current:
             if current >= 0:
                 yield finish(current)
@@ -374,11 +383,10 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             state = []
             for variant in plan[k][1]:
                 if adapt_cell is None:
-                    m, secs = _adapted(model, variant, sets[k], config, ev.device, shard)
+                    m, secs = _adapted(model, variant, sets[k], config, ev, shard)
                 else:
                     if variant not in adapted_once:
-                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev.device,
-                                                         shard)  # fmt: skip
+                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev, shard)
                     m, secs = adapted_once[variant]
                     adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
                     # Online methods keep changing while they run: each cell starts from the same adapted state.
@@ -392,3 +400,6 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             entry[3] += time.perf_counter() - t0
     if current >= 0:
         yield finish(current)
+    fallbacks = sum(s.cpu_fallbacks() for s in sets)
+    if fallbacks:
+        log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)

@@ -45,6 +45,8 @@ def _add_bench_data_args(p: argparse.ArgumentParser, severities: tuple[int, ...]
                    help=f"e.g. 1-5 or 1,3,5 (default: {','.join(map(str, severities))})")  # fmt: skip
     g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
     g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
+    g.add_argument("--release-jpeg", action="store_true",
+                   help="generate: JPEG q85 round trip after each corruption, as ImageNet-C's files had")  # fmt: skip
     g.add_argument(
         "--limit-per-cell",
         type=int,
@@ -62,9 +64,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
     g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) for evaluation")
+    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    g.add_argument("--amp", nargs="?", const=True, default=False, choices=("bf16", "fp16"),
+                   help="autocast evaluation to bf16 or fp16 (bare --amp: bf16 on cpu, fp16 on cuda); BN statistics "
+                   "are always estimated in float32")  # fmt: skip
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--cpu-decode", action="store_true",
+                   help="on a GPU, still decode JPEGs and run generate:'s corruptions on the CPU workers")  # fmt: skip
 
 
 def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -146,14 +152,23 @@ def _open_bench_data(args: argparse.Namespace):
 
     names = _corruption_names(args.corruptions)
     return open_data(args.data, names, args.severities, args.allow_partial, args.corrupt_seed, clean=args.clean,
-                     limit=args.limit_per_cell)  # fmt: skip
+                     limit=args.limit_per_cell, release_jpeg=args.release_jpeg)  # fmt: skip
+
+
+def _device(args: argparse.Namespace) -> str:
+    """--device, defaulting to cuda when a GPU is usable."""
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
 
 
 def _workers(args: argparse.Namespace) -> int:
-    if args.workers is not None or args.device == "cpu":
+    if args.workers is not None or _device(args) == "cpu":
         return args.workers or 0
     # torchrun's processes on one node share its cores.
-    return max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -161,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.shard_cells:  # refused before joining the others: every rank runs the same check
         check_shardable([m for m in args.methods if m in _method_names()])
-    dist, device = init_from_env(args.device, args.dist_timeout, args.shard_cells)
+    dist, device = init_from_env(_device(args), args.dist_timeout, args.shard_cells)
     try:
         return _bench(args, dist, device)
     except RankFailure as e:
@@ -201,6 +216,8 @@ def _bench(args: argparse.Namespace, dist, device: str) -> int:
     extra = {"clean": str(args.clean) if args.clean else None}
     if args.limit_per_cell is not None:  # only when set: results of earlier versions stay resumable
         extra["limit_per_cell"] = args.limit_per_cell
+    if args.release_jpeg:
+        extra["release_jpeg"] = True
     config = BenchConfig(
         tuple(args.methods),
         tuple(args.n),
@@ -218,6 +235,7 @@ def _bench(args: argparse.Namespace, dist, device: str) -> int:
         args.last,
         # Unknown methods are left to config.validate(), whose message names --methods.
         parse_options([m for m in args.methods if m in _method_names()], args.opt),
+        decode="cpu" if args.cpu_decode else "auto",
     )
     bar = _progress_bar(0, not args.no_progress and dist.rank == 0, "cell")
 
@@ -271,7 +289,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = _open_bench_data(args)
     model = load_model(args.model[0], args.checkpoint, args.weights, args.trust_checkpoint)
     config = BenchConfig(ns=(args.n,), seeds=tuple(args.seeds), batch_size=args.batch_size, jobs=_workers(args),
-                         device=args.device, amp=args.amp, channels_last=args.channels_last)  # fmt: skip
+                         device=args.device, amp=args.amp, channels_last=args.channels_last,
+                         decode="cpu" if args.cpu_decode else "auto")  # fmt: skip
     bar = _progress_bar(0, not args.no_progress, "cell")
 
     def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:

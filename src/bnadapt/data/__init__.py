@@ -1,0 +1,60 @@
+"""Reading images from disk and turning them into the tensors models take.
+
+On disk and between modules images are uint8 NHWC (RGB or grey); models take float32 NCHW in [0, 1].
+"""
+
+from __future__ import annotations
+
+from ._bench import CLEAN, DATA_KINDS, BenchData, Cell, DataSpec, open_data, parse_data_spec
+from ._images import (
+    IMAGE_SUFFIXES,
+    PREPARE,
+    as_uint8_nhwc,
+    center_crop,
+    follow_outside_links,
+    list_image_files,
+    to_float_nchw,
+)
+from ._loader import iter_batches_of
+from ._sets import (
+    LIST_FILE,
+    RELEASE_JPEG_QUALITY,
+    ArrayImages,
+    CorruptedImages,
+    FileImages,
+    ImageSet,
+    IndexedImages,
+    jpeg_roundtrip,
+    open_clean,
+    read_images,
+    spread_indices,
+)
+
+__all__ = [
+    "CLEAN",
+    "DATA_KINDS",
+    "Cell",
+    "PREPARE",
+    "center_crop",
+    "IndexedImages",
+    "LIST_FILE",
+    "RELEASE_JPEG_QUALITY",
+    "jpeg_roundtrip",
+    "spread_indices",
+    "IMAGE_SUFFIXES",
+    "as_uint8_nhwc",
+    "to_float_nchw",
+    "read_images",
+    "follow_outside_links",
+    "list_image_files",
+    "ArrayImages",
+    "BenchData",
+    "CorruptedImages",
+    "DataSpec",
+    "FileImages",
+    "ImageSet",
+    "iter_batches_of",
+    "open_clean",
+    "open_data",
+    "parse_data_spec",
+]

@@ -1,0 +1,164 @@
+"""Low-level image helpers: checks and conversions between uint8 NHWC and float NCHW, file listing and decoding."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def as_uint8_nhwc(images, what: str = "images") -> np.ndarray:
+    """Check that ``images`` are uint8 (N, H, W, C) or (H, W, C) with C in (1, 3) and return them as an NHWC array.
+
+    Example:
+        >>> as_uint8_nhwc(np.zeros((32, 32, 3), np.uint8)).shape
+        (1, 32, 32, 3)
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise TypeError(f"expected uint8 {what} (values 0..255, channels last), got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected {what} of shape (N, H, W, C) or (H, W, C) with C = 1 or 3 channels last, got shape {x.shape}"
+        )
+    return x
+
+
+def to_float_nchw(images) -> torch.Tensor:
+    """Convert images to the float32 NCHW [0, 1] tensor every bnadapt model takes.
+
+    uint8 input (numpy or torch) must be channels-last, (N, H, W, C) or (H, W, C), and is divided by 255. Floating
+    input must already be NCHW; it is checked for NaN/inf and passed through as float32.
+
+    Example:
+        >>> to_float_nchw(np.full((2, 4, 4, 3), 255, np.uint8)).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        if images.ndim != 4:
+            raise ValueError(f"expected float images as (N, C, H, W), got shape {tuple(images.shape)}")
+        if not torch.isfinite(images).all():
+            raise ValueError("expected finite float images, got NaN or inf values; clean the input first")
+        return images.float()
+    x = as_uint8_nhwc(images)
+    # Memory-mapped or read-only arrays are copied once here rather than shared with a tensor.
+    x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+_OUTSIDE_LINKS: ContextVar[bool] = ContextVar("bnadapt_outside_links", default=False)
+
+
+@contextmanager
+def follow_outside_links(allow: bool = True) -> Iterator[None]:
+    """Within this block, folder readers follow symlinks that point outside the input folder (``--follow-links``).
+
+    Example:
+        >>> with follow_outside_links():
+        ...     files = list_image_files(Path("."))
+    """
+    token = _OUTSIDE_LINKS.set(allow)
+    try:
+        yield
+    finally:
+        _OUTSIDE_LINKS.reset(token)
+
+
+def list_image_files(root: Path, allow_outside_links: bool | None = None) -> list[Path]:
+    """Image files under ``root`` (recursive, sorted); symlinks pointing outside ``root`` are skipped with a warning
+    unless ``allow_outside_links`` (default: as set by :func:`follow_outside_links`, else no)."""
+    if allow_outside_links is None:
+        allow_outside_links = _OUTSIDE_LINKS.get()
+    root = root.resolve()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        here = Path(dirpath)
+        if not allow_outside_links and not here.resolve().is_relative_to(root):
+            log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", here, root)
+            dirnames.clear()
+            continue
+        for name in sorted(filenames):
+            p = here / name
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not allow_outside_links and not p.resolve().is_relative_to(root):
+                log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", p, root)
+                continue
+            files.append(p)
+    return files
+
+
+# How images read from files are prepared (FileImages.prepare): as they are; ImageNet-C's "resize 256, centre crop
+# 224" (torchvision's Resize + CenterCrop, bilinear); or released ImageNet-C files, only centre-cropped when larger.
+PREPARE = (None, "resize256-crop224", "crop224")
+
+
+def _decode(path: Path, channels: int = 3, prepare: str | None = None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            if prepare == "resize256-crop224":
+                from ..corruptions.export import resize_crop
+
+                im = resize_crop(im)
+            out = np.asarray(im).reshape(im.height, im.width, channels)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"expected a readable image file, got an unreadable one: {path} ({e})") from e
+    return center_crop(out, 224) if prepare == "crop224" else out
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size`` x ``size`` of an (H, W, C) image, or the image itself when it is not larger (torchvision's
+    CenterCrop offsets).
+
+    Example:
+        >>> center_crop(np.zeros((256, 230, 3), np.uint8), 224).shape
+        (224, 224, 3)
+    """
+    h, w = image.shape[:2]
+    if h <= size and w <= size:
+        return image
+    top, left = max(0, int(round((h - size) / 2.0))), max(0, int(round((w - size) / 2.0)))
+    return image[top : top + size, left : left + size]
+
+
+def _numpy_reason(e: Exception) -> str:
+    """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here)."""
+    if "pickle" in str(e) or "object" in str(e).lower():
+        return "it holds Python objects (pickled data), which bnadapt never loads"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """An .npy file memory-mapped read-only, never unpickled; a damaged file is a ValueError naming it."""
+    try:
+        x = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({_numpy_reason(e)})") from e
+    if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever its name
+        x.close()
+        raise ValueError(f"expected one array in the .npy file {path}, got an .npz archive; name it .npz")
+    if x.ndim == 0:
+        raise ValueError(f"expected an array in the numpy file {path}, got a single value")
+    return x
