@@ -113,9 +113,8 @@ def tiny() -> TinyNet:
     return make_tiny()
 
 
-@pytest.fixture
-def resnet20_checkpoint(tmp_path: Path) -> Path:
-    """A random-init CIFAR ResNet-20 with non-trivial BN statistics, saved as ``tmp_path/ck.pt`` (network-free)."""
+def save_resnet20_checkpoint(folder: Path) -> Path:
+    """Save a random-init CIFAR ResNet-20 with non-trivial BN statistics as ``folder/ck.pt`` (network-free)."""
     from bnadapt.models import cifar_resnet
 
     torch.manual_seed(0)
@@ -125,8 +124,14 @@ def resnet20_checkpoint(tmp_path: Path) -> Path:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 2.0)
                 m.running_mean.uniform_(-0.2, 0.2)
-    torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pt")
-    return tmp_path / "ck.pt"
+    torch.save({"state_dict": net.state_dict()}, folder / "ck.pt")
+    return folder / "ck.pt"
+
+
+@pytest.fixture
+def resnet20_checkpoint(tmp_path: Path) -> Path:
+    """A random-init CIFAR ResNet-20 with non-trivial BN statistics, saved as ``tmp_path/ck.pt``."""
+    return save_resnet20_checkpoint(tmp_path)
 
 
 def write_jpeg(path: Path, w: int, h: int, seed: int) -> np.ndarray:

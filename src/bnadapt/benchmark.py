@@ -27,6 +27,7 @@ from torch import nn
 
 from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
 from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of
+from .distributed import Dist, check_shardable
 from .metrics import Accuracy
 from .results import Journal, read_results
 
@@ -208,6 +209,37 @@ def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: _Evalu
             )
 
 
+def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, dist: Dist):
+    """Validate, prepare the models and check them on the data: (device, models, evaluator, adapt cell, variants)."""
+    config.validate()
+    if dist.shard_cells:
+        check_shardable(config.methods)
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ValueError(f"expected a torch --device such as cpu, cuda or cuda:1, got {config.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
+    todo_variants = variants(config)
+    models = {name: _prepare(m, config, device) for name, m in models.items()}
+    ev = _Evaluator(device, config.amp, config.channels_last, config.decode)
+    adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
+    shard = dist.shard()
+    for name, model in models.items():
+        sets = [data.cell(*c) for c in data.cells]
+        if adapt_cell is not None:
+            sets.append(data.cell(*adapt_cell))
+        _preflight(name, model, sets, ev)
+        smallest = min(len(s) for s in (sets[-1:] if adapt_cell else sets))
+        if max((v[1] for v in todo_variants), default=0) > smallest:
+            raise ValueError(
+                f"expected --n <= the images of every cell ({smallest}), got n={max(config.ns)}; lower --n"
+            )
+        for s in sets if shard is not None else ():
+            shard.evaluated(s)
+    return device, models, ev, adapt_cell, todo_variants
+
+
 def run_benchmark(
     models: Mapping[str, nn.Module],
     data: BenchData,
@@ -217,6 +249,7 @@ def run_benchmark(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    dist: Dist | None = None,
 ) -> list[dict]:
     """Run the protocol and return every result row (with ``out``: also those of earlier runs read back).
 
@@ -228,6 +261,8 @@ def run_benchmark(
         command: the command line to record in the header.
         resume: skip cells already in ``out``; force: write into a folder of another command.
         progress: called after each cell with (done, total, cell label, accuracy per method).
+        dist: this process's part of a multi-process run (:func:`bnadapt.distributed.init_from_env`): rank 0 writes
+            ``out`` and returns the rows, the other ranks return [].
 
     Example:
         >>> import tempfile
@@ -242,31 +277,21 @@ def run_benchmark(
         [('source', 'clean', 8), ('replace', 'clean', 8), ('source', 'contrast', 8), ('replace', 'contrast', 8)]
     """
     config = config or BenchConfig()
-    config.validate()
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise ValueError(f"expected a torch --device such as cpu, cuda or cuda:1, got {config.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
-    todo_variants = variants(config)
-    models = {name: _prepare(m, config, device) for name, m in models.items()}
-    ev = _Evaluator(device, config.amp, config.channels_last, config.decode)
-    adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
-    for name, model in models.items():  # every check that can fail runs before the journal is touched
-        sets = [data.cell(*c) for c in data.cells]
-        if adapt_cell is not None:
-            sets.append(data.cell(*adapt_cell))
-        _preflight(name, model, sets, ev)
-        smallest = min(len(s) for s in (sets[-1:] if adapt_cell else sets))
-        if max((v[1] for v in todo_variants), default=0) > smallest:
-            raise ValueError(
-                f"expected --n <= the images of every cell ({smallest}), got n={max(config.ns)}; lower --n"
-            )
-    journal = None
-    if out is not None:
-        journal = Journal(out, _header(models, data, config, command, device), resume=resume, force=force)
-    done = journal.done if journal else set()
+    dist = dist or Dist()
+    try:  # every check that can fail runs before the journal is touched, on every rank
+        device, models, ev, adapt_cell, todo_variants = _setup(models, data, config, dist)
+        header = {**_header(models, data, config, command, device), **dist.header()}
+    except Exception as e:
+        dist.gathered(e, None)
+        raise
+    dist.gathered(None, {"models": list(models), "cells": list(data.cells), "fingerprint": header["fingerprint"],
+                         "config": {k: v for k, v in asdict(config).items() if k not in ("device", "jobs")},
+                         "shard_cells": dist.shard_cells, "resume": resume, "force": force})  # fmt: skip
+
+    def open_journal() -> Journal | None:
+        return Journal(out, header, resume=resume, force=force) if out is not None else None
+
+    journal, done = dist.on_rank0(open_journal, lambda j: j.done if j is not None else set())
     plan = []
     for name in models:
         for cell in data.cells:
@@ -278,19 +303,15 @@ def run_benchmark(
                  len(models) * len(data.cells))  # fmt: skip
     try:
         rows: list[dict] = []
-        finished = 0
-        for name, model in models.items():
-            mine = [(cell, need) for m, cell, need in plan if m == name]
-            adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
-            for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once):
-                if journal is not None:
-                    journal.append(cell_rows)
-                rows.extend(cell_rows)
-                finished += 1
-                if progress is not None:
-                    accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
-                            for r in cell_rows}  # fmt: skip
-                    progress(finished, len(plan), f"{name} {_label(cell)}", accs)
+        cells = _cells(models, data, dist.mine(plan), config, ev, adapt_cell, dist.shard())
+        for finished, (name, cell, cell_rows) in enumerate(dist.exchange(cells, len(plan)), start=1):
+            if journal is not None:
+                journal.append(cell_rows)
+            rows.extend(cell_rows)
+            if progress is not None:
+                accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
+                        for r in cell_rows}  # fmt: skip
+                progress(finished, len(plan), f"{name} {_label(cell)}", accs)
     finally:
         if journal is not None:
             journal.close()
@@ -299,27 +320,47 @@ def run_benchmark(
     return rows
 
 
-def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator) -> tuple[nn.Module, float]:
-    """A fresh adapted copy of ``model`` for one variant, and the seconds it took."""
+def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator, shard=None):
+    """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with ``shard``: from this rank's
+    part of the sample, its statistics combined with the other ranks')."""
     method, n, seed = variant
     device = ev.device
     t0 = time.perf_counter()
     images = None
+    combined: contextlib.AbstractContextManager = contextlib.nullcontext()
     if method_uses_images(method):
+        indices = sample_indices(len(source), n, seed)
+        if shard is not None:
+            indices, combined = shard.adaptation(method, indices)
         # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes.
-        images = ev.inputs(source.load(sample_indices(len(source), n, seed), device, ev.on_device))
+        images = ev.inputs(source.load(indices, device, ev.on_device))
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
     options = {k: v for k, v in config.options.items() if k in method_options(method)}
-    out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part, first=config.first,
-                last=config.last, batch_size=max(1, n), device=device, options=options)  # fmt: skip
+    with combined:
+        out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part,
+                    first=config.first, last=config.last, batch_size=max(1, n), device=device,
+                    options=options)  # fmt: skip
     return out, time.perf_counter() - t0
 
 
-def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell, adapted_once):
-    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once."""
+def _cells(models: Mapping[str, nn.Module], data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell,
+           shard):  # fmt: skip
+    """Yield (model name, cell, rows) for each planned (model, cell, variants) item, model by model."""
+    for name, model in models.items():
+        mine = [(cell, need) for m, cell, need in plan if m == name]
+        adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
+        for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once, shard):
+            yield name, cell, cell_rows
+
+
+def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell, adapted_once,
+               shard=None):  # fmt: skip
+    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once (with ``shard``:
+    this rank's block of each cell's images)."""
     if not plan:
         return
     sets = [data.cell(*cell) for cell, _ in plan]
+    shown = sets if shard is None else [shard.evaluated(s) for s in sets]
     pin = ev.device.type == "cuda"
     current = -1
     state: list[list] = []  # per variant: [variant, model, Accuracy, seconds]
@@ -334,7 +375,7 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
                         "accuracy": acc.compute(), "seconds": round(secs, 4), "adapt_on": config.adapt_on})  # fmt: skip
         return cell, out
 
-    for k, xb, yb in iter_batches_of(sets, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
+    for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
         if k != current:
             if current >= 0:
                 yield finish(current)
@@ -342,10 +383,10 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             state = []
             for variant in plan[k][1]:
                 if adapt_cell is None:
-                    m, secs = _adapted(model, variant, sets[k], config, ev)
+                    m, secs = _adapted(model, variant, sets[k], config, ev, shard)
                 else:
                     if variant not in adapted_once:
-                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev)
+                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev, shard)
                     m, secs = adapted_once[variant]
                     adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
                     # Online methods keep changing while they run: each cell starts from the same adapted state.

@@ -7,12 +7,15 @@ weights and every other parameter stay as they are.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,6 +27,7 @@ __all__ = [
     "BNStats",
     "bn_layers",
     "select_layers",
+    "combined_batches",
     "estimate_stats",
     "mix_stats",
 ]
@@ -264,8 +268,10 @@ class _Moments:
         # Per-batch moments in float32 (two-pass inside var_mean) are accurate; the cross-batch merge is where
         # rounding accumulates over millions of values, so it runs in float64.
         var_b, mean_b = torch.var_mean(x.float(), dim=dims, correction=0)
-        mean_b = mean_b.double()
-        m2_b = var_b.double() * n_b
+        self.merge(n_b, mean_b.double(), var_b.double() * n_b)
+
+    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Add a batch of ``n_b`` values per channel with float64 mean ``mean_b`` and squared deviations ``m2_b``."""
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -274,6 +280,49 @@ class _Moments:
         self.mean = self.mean + delta * (n_b / total)
         self.m2 = self.m2 + m2_b + delta.pow(2) * (self.count * n_b / total)
         self.count = total
+
+
+class BatchReducer(Protocol):
+    """Combines what several processes measure on their parts of one batch (see :func:`combined_batches`)."""
+
+    def moments(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Per-channel (count, float64 mean, float64 sum of squared deviations) of the union of every part."""
+        ...
+
+    def images(self, count: int) -> int:
+        """The total over every process of ``count`` images."""
+        ...
+
+
+_REDUCER: ContextVar[BatchReducer | None] = ContextVar("bnadapt_batch_reducer", default=None)
+
+
+@contextlib.contextmanager
+def combined_batches(reducer: BatchReducer) -> Iterator[None]:
+    """Within this block, :func:`estimate_stats` treats each process's batch as its part of one batch: every BN layer
+    normalises, and is measured, with the statistics ``reducer`` combines over all parts (SyncBatchNorm-style), so
+    deeper layers see what one process forwarding the whole batch would see. Every process must forward the same
+    number of batches. Used by :mod:`bnadapt.distributed` for ``bench --shard-cells``.
+
+    Example:
+        >>> class Alone:  # one process: the union is the batch itself
+        ...     def moments(self, x):
+        ...         var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], correction=0)
+        ...         n = x.numel() // x.shape[1]
+        ...         return n, mean, var * n
+        ...     def images(self, count):
+        ...         return count
+        >>> net, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.rand(8, 3, 16, 16)
+        >>> with combined_batches(Alone()):
+        ...     s = estimate_stats(net, x)
+        >>> torch.allclose(s.var["1"], estimate_stats(net, x).var["1"])
+        True
+    """
+    token = _REDUCER.set(reducer)
+    try:
+        yield
+    finally:
+        _REDUCER.reset(token)
 
 
 def iter_batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
@@ -337,20 +386,24 @@ def estimate_stats(
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     moments = {n: _Moments() for n in names}
+    reducer = _REDUCER.get()
     # The train-mode forward moves running stats and num_batches_tracked; every BN buffer is put back afterwards.
     saved = {(m, k): b.clone() for m in all_layers.values() for k, b in m.named_buffers(recurse=False) if b is not None}
     modes = {m: m.training for m in model.modules()}
     handles = []
-    for n in names:
-        handles.append(all_layers[n].register_forward_pre_hook(_make_hook(moments[n])))
+    # Combined batches: every BN layer (selected or not) must normalise with the combined statistics.
+    for n in names if reducer is None else all_layers:
+        handles.append(all_layers[n].register_forward_pre_hook(_make_hook(moments.get(n), reducer)))
     try:
         model.eval()
         for m in all_layers.values():
-            m.train()
+            m.train(reducer is None)
         seen = 0
         for batch in iter_batches(images, batch_size):
             model(batch.to(device, non_blocking=True))
             seen += batch.shape[0]
+        if reducer is not None:
+            seen = reducer.images(seen)
         if seen == 0:
             raise ValueError("expected at least one image to estimate BN statistics from, got none")
     finally:
@@ -372,9 +425,20 @@ def estimate_stats(
     return out
 
 
-def _make_hook(moments: _Moments):
+def _make_hook(moments: _Moments | None, reducer: BatchReducer | None = None):
     def hook(module: nn.Module, args: tuple) -> None:
-        moments.update(args[0].detach())
+        x = args[0].detach()
+        if reducer is None:
+            assert moments is not None
+            moments.update(x)
+            return
+        count, mean, m2 = reducer.moments(x)
+        # The layer is in eval mode: with the combined batch's mean and biased variance as its running statistics it
+        # normalises exactly as a train-mode forward of the whole batch would.
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(m2 / max(count, 1))
+        if moments is not None:
+            moments.merge(count, mean, m2)
 
     return hook
 

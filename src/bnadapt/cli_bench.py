@@ -111,6 +111,12 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE (default: AlexNet on ImageNet-C)")
     g.add_argument("--no-plots", action="store_true", help="tables only")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    g = p.add_argument_group("distributed (launch with torchrun --nproc-per-node K -m bnadapt bench ...)")
+    g.add_argument("--shard-cells", action="store_true",
+                   help="split each cell's images (and replace/prior's adaptation sample) over the ranks, instead "
+                   "of giving each rank whole cells")  # fmt: skip
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a rank waits for the others (default: 1800)")  # fmt: skip
 
 
 def _print_summary(summary: list[dict]) -> None:
@@ -159,22 +165,54 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _workers(args: argparse.Namespace) -> int:
-    cpu = _device(args) == "cpu"
-    return args.workers if args.workers is not None else (0 if cpu else min(8, os.cpu_count() or 1))
+    if args.workers is not None or _device(args) == "cpu":
+        return args.workers or 0
+    # torchrun's processes on one node share its cores.
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .adapt import method_names, parse_options
+    from .distributed import RankFailure, check_shardable, init_from_env
+
+    if args.shard_cells:  # refused before joining the others: every rank runs the same check
+        check_shardable([m for m in args.methods if m in _method_names()])
+    dist, device = init_from_env(_device(args), args.dist_timeout, args.shard_cells)
+    try:
+        return _bench(args, dist, device)
+    except RankFailure as e:
+        if dist.rank == 0 or e.rank == 0:
+            print(f"bnadapt: error: {e}; finished cells are in {args.out / 'results.jsonl'}, rerun with --resume",
+                  file=sys.stderr)  # fmt: skip
+        return e.exit_code
+    finally:
+        dist.close()
+
+
+def _method_names() -> list[str]:
+    from .adapt import method_names
+
+    return method_names()
+
+
+def _bench(args: argparse.Namespace, dist, device: str) -> int:
+    from .adapt import parse_options
     from .benchmark import BenchConfig, run_benchmark
     from .metrics import load_baseline
     from .models import load_model
     from .report import build_summary, write_report
 
-    if args.checkpoint is not None and len(args.model) > 1:
-        raise ValueError(f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately")
-    baseline = load_baseline(args.baseline) if args.baseline else None
-    data = _open_bench_data(args)
-    models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+    try:  # a mistake on one rank stops every rank, before anything is written
+        if args.checkpoint is not None and len(args.model) > 1:
+            raise ValueError(
+                f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately"
+            )
+        baseline = load_baseline(args.baseline) if args.baseline else None
+        data = _open_bench_data(args)
+        models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+    except Exception as e:
+        dist.gathered(e, None)
+        raise
+    dist.gathered(None, None)
     extra = {"clean": str(args.clean) if args.clean else None}
     if args.limit_per_cell is not None:  # only when set: results of earlier versions stay resumable
         extra["limit_per_cell"] = args.limit_per_cell
@@ -186,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tuple(args.seeds),
         args.batch_size,
         _workers(args),
-        args.device,
+        device,
         args.amp,
         args.channels_last,
         args.prior,
@@ -196,10 +234,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.first,
         args.last,
         # Unknown methods are left to config.validate(), whose message names --methods.
-        parse_options([m for m in args.methods if m in method_names()], args.opt),
+        parse_options([m for m in args.methods if m in _method_names()], args.opt),
         decode="cpu" if args.cpu_decode else "auto",
     )
-    bar = _progress_bar(0, not args.no_progress, "cell")
+    bar = _progress_bar(0, not args.no_progress and dist.rank == 0, "cell")
 
     def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
         shown = " ".join(f"{k} {100 * v:.1f}%" for k, v in list(accs.items())[:4])
@@ -217,6 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             resume=args.resume,
             force=args.force,
             progress=progress,
+            dist=dist,
         )
     except KeyboardInterrupt:
         bar.close()
@@ -228,6 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 130
     finally:
         bar.close()
+    if dist.rank != 0:  # rank 0 writes the results, the summary and the report
+        return 0
     loaded = build_summary(args.out, baseline)
     write_report(args.out, "md", baseline, plots=not args.no_plots, loaded=loaded)
     _print_summary(loaded.summary)
