@@ -130,18 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; images {size}x{size}; batch {batch}; workers {jobs}")
     steps = 2 if tiny else 20
-    rows.append(("(a) forward fp32, device tensors", f"{forward_rate(model, device, batch, size, steps, False, False):.0f}"))
-    rows.append(("(a) forward bf16 + channels-last", f"{forward_rate(model, device, batch, size, steps, True, True):.0f}"))
+    for label, fast in (("(a) forward fp32, device tensors", False), ("(a) forward bf16 + channels-last", True)):
+        rows.append((label, f"{forward_rate(model, device, batch, size, steps, fast, fast):.0f}"))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         write_imagenet_c(Path(tmp), [("fog", 1), ("fog", 2)], per_cell, size)
         print(f"wrote {2 * per_cell} JPEGs in {time.perf_counter() - t0:.1f}s")
-        for label, decode in (("(b) bench source, decode on device", "auto"), ("(c) bench source, decode on CPU", "cpu")):
+        for label, decode, methods in (
+            ("(b) bench source, decode on device", "auto", ("source",)),
+            ("(c) bench source, decode on CPU workers", "cpu", ("source",)),
+            ("(b) bench source+replace n=32, decode on device", "auto", ("source", "replace")),
+        ):
             if device.type == "cpu" and decode == "auto":
-                label += " (= CPU: no GPU)"
-            rows.append((label, f"{bench_rate(model, Path(tmp), device, batch, jobs, decode, ('source',)):.0f}"))
-        rows.append(("(b) bench source+replace n=32, device decode",
-                     f"{bench_rate(model, Path(tmp), device, batch, jobs, 'auto', ('source', 'replace')):.0f}"))
+                label += " (no GPU: = CPU)"
+            rows.append((label, f"{bench_rate(model, Path(tmp), device, batch, jobs, decode, methods):.0f}"))
     names = list(COMMON)[:3] if tiny else list(COMMON)
     for cname, cpu, dev in corruption_rates(device, 4 if tiny else 64, size, names):
         rows.append((f"(d) corrupt {cname} s3: numpy CPU | torch {device.type}",
