@@ -86,13 +86,13 @@ def speed_table(x: np.ndarray, names: list[str], device: torch.device, reps: int
 
 def fidelity_table(device: torch.device) -> None:
     sets = {"cifar": load_images(4, 64, first=20)[0], "imagenet": load_images(2, 224, first=30)[0]}
-    print("| corruption | identical | within 1 | max diff | mean diff |")
-    print("|---|---:|---:|---:|---:|")
+    print("| corruption | values differing | identical | within 1 | max diff | mean diff |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in torch_corruption_names():
         try:
             corrupt(sets["cifar"][:1], name, 1, profile="cifar")
         except FileNotFoundError:
-            print(f"| {name} | skipped (missing data) | | | |")
+            print(f"| {name} | skipped (missing data) | | | | |")
             continue
         diffs = []
         for profile, x in sets.items():
@@ -101,7 +101,9 @@ def fidelity_table(device: torch.device) -> None:
                 out = corrupt(torch.from_numpy(x).to(device), name, s, profile=profile, seed=0, backend="torch")
                 diffs.append(np.abs(out.cpu().numpy().astype(int) - ref).ravel())
         d = np.concatenate(diffs)
-        print(f"| {name} | {(d == 0).mean():.5f} | {(d <= 1).mean():.5f} | {d.max()} | {d.mean():.5f} |", flush=True)
+        same, near = (d == 0).mean(), (d <= 1).mean()
+        row = f"| {name} | {int((d != 0).sum())} / {d.size} | {same:.5f} | {near:.5f} | {d.max()} | {d.mean():.5f} |"
+        print(row, flush=True)
 
 
 def main() -> None:
