@@ -107,9 +107,10 @@ def corrupt_tensor(x: torch.Tensor, name: str, severity: int, profile: str, rngs
     for sl in chunks(n, h * w, _CHUNK_PIXELS):
         out[sl] = to_uint8(fn(x[sl], param, rngs[sl], profile))
     if grey:
-        # ITU-R 601 luma in float32, as the numpy engine.
-        luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=x.device)
-        out = to_uint8((out.to(torch.float32) @ luma)[..., None] / 255.0)
+        # ITU-R 601 luma in float32, as the numpy engine; elementwise rather than a matrix product, which CUDA may
+        # run in TF32 (torch.set_float32_matmul_precision).
+        y = out.to(torch.float32)
+        out = to_uint8((y[..., :1] * 0.299 + y[..., 1:2] * 0.587 + y[..., 2:] * 0.114) / 255.0)
     return out
 
 
