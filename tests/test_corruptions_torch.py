@@ -81,6 +81,10 @@ def test_torch_path_matches_numpy_real(one_thread, shared, name, profile):
 @pytest.mark.parametrize("profile", ["cifar", "imagenet"])
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_path_on_cuda(name, profile):
+    from bnadapt.corruptions.weather import frost_dir
+
+    if name == "frost" and frost_dir() is None:  # a bare GPU machine may lack the imagecorruptions textures
+        pytest.skip("frost textures not installed (pip install imagecorruptions or set BNADAPT_FROST_DIR)")
     n, size = SIZES[profile]
     for s, same, within1, dmax, mad in _compare(_synthetic(n, size, seed=2), name, profile, device="cuda"):
         assert within1 >= 0.999 and mad < 0.01, (name, s, same, within1, dmax, mad)
