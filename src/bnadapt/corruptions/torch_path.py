@@ -14,6 +14,8 @@ gaussian_blur, defocus_blur, motion_blur, zoom_blur, pixelate, fog, frost, snow.
 - fog: the plasma fractal (sequential diamond-square over the random stream) is computed on the host as the numpy
   engine does; only the compositing runs on the device. frost: texture crops are cut on the host (uint8), blended on
   the device. snow: the noise layer is drawn on the host; zoom, threshold, motion blur and compositing on the device.
+- Host-side draws of large images run one image per thread (up to 8; numpy's generators release the GIL), which
+  changes no number: each image owns its generator.
 
 Numpy fallback (4; copied to the host and back): glass_blur (a sequential chain of pixel copies), elastic_transform
 (OpenCV's fixed-point warpAffine tables and scipy's map_coordinates folding), spatter (Canny, distance transform and
@@ -25,7 +27,9 @@ pixelate replays Pillow's fixed-point BOX resampling with integer-valued float64
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -116,39 +120,59 @@ def corrupt_tensor(x: torch.Tensor, name: str, severity: int, profile: str, rngs
 
 # -------------------------------------------------------------------------------------------------------- noise
 
+# Host threads for the per-image random draws: numpy's generators release the GIL while they fill an array, and each
+# image owns its generator, so the draws run in parallel with the same numbers in any schedule.
+_DRAW_THREADS = min(8, os.cpu_count() or 1)
+_POOL: ThreadPoolExecutor | None = None
 
-def _stack(draws: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
-    return _dev(np.stack(draws), like)
+
+def per_image(draw: Callable, rngs: Sequence, *arrays: Sequence, pixels: int = 0) -> list:
+    """``[draw(rng_i, arrays[0][i], ...) for each image i]``, in a thread pool when the images are large enough
+    (``pixels`` per image) for the draws to outweigh the threads' overhead.
+
+    Example:
+        >>> per_image(lambda rng, k: int(rng.integers(k)), [np.random.default_rng(0)] * 2, [1, 1])
+        [0, 0]
+    """
+    global _POOL
+    if len(rngs) < 2 or pixels < 1 << 14 or _DRAW_THREADS < 2:
+        return [draw(rng, *a) for rng, *a in zip(rngs, *arrays, strict=True)]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_DRAW_THREADS, thread_name_prefix="bnadapt-draw")
+    return list(_POOL.map(draw, rngs, *arrays))
+
+
+def _drawn(draw: Callable, x: torch.Tensor, rngs: Sequence, *arrays: Sequence) -> torch.Tensor:
+    """The per-image draws stacked on the host and moved to x's device."""
+    return _dev(np.stack(per_image(draw, rngs, *arrays, pixels=x[0].numel())), x)
 
 
 @_register("gaussian_noise")
 def gaussian_noise(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
     shape = x.shape[1:]
-    return _unit(x) + _stack([rng.normal(size=shape, scale=c) for rng in rngs], x)
+    return _unit(x) + _drawn(lambda rng: rng.normal(size=shape, scale=c), x, rngs)
 
 
 @_register("speckle_noise")
 def speckle_noise(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
+    shape = x.shape[1:]
     im = _unit(x)
-    return im + im * _stack([rng.normal(size=x.shape[1:], scale=c) for rng in rngs], x)
+    return im + im * _drawn(lambda rng: rng.normal(size=shape, scale=c), x, rngs)
 
 
 @_register("shot_noise")
 def shot_noise(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
     # numpy's Poisson draw takes the rate per pixel: the images go to the host (uint8) and the counts come back.
-    host = x.cpu().numpy()
-    counts = [rng.poisson(im / 255.0 * c).astype(np.int32) for im, rng in zip(host, rngs, strict=True)]
-    return _stack(counts, x).to(_F64) / c
+    counts = _drawn(lambda rng, im: rng.poisson(im / 255.0 * c).astype(np.int32), x, rngs, x.cpu().numpy())
+    return counts.to(_F64) / c
 
 
 @_register("impulse_noise")
 def impulse_noise(x: torch.Tensor, amount: float, rngs: list, profile: str) -> torch.Tensor:
     # The two uniform draws per element are compared on the host (exactly the numpy comparisons) and travel as masks.
-    flips, salts = [], []
-    for rng in rngs:
-        flips.append(rng.random(x.shape[1:]) < amount)
-        salts.append(rng.random(x.shape[1:]) < 0.5)
-    flip, salt = _stack(flips, x), _stack(salts, x)
+    shape = x.shape[1:]
+    masks = _drawn(lambda rng: np.stack([rng.random(shape) < amount, rng.random(shape) < 0.5], axis=-1), x, rngs)
+    flip, salt = masks[..., 0], masks[..., 1]
     im = _unit(x)
     im = torch.where(flip & salt, 1.0, im)
     return torch.where(flip & ~salt, 0.0, im)
@@ -353,7 +377,9 @@ def pixelate(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tenso
 def fog(x: torch.Tensor, c: tuple, rngs: list, profile: str) -> torch.Tensor:
     strength, decay = c
     h, w = x.shape[1:3]
-    plasma = _dev(plasma_fractal(rngs, fog_map_size(profile, h, w), decay)[:, :h, :w], x)  # host: sequential
+    mapsize = fog_map_size(profile, h, w)
+    # The diamond-square steps are sequential per image: computed on the host, one image per thread.
+    plasma = _drawn(lambda rng: plasma_fractal([rng], mapsize, decay)[0, :h, :w], x, rngs)
     im = _unit(x)
     peak = x.amax(dim=(1, 2, 3), keepdim=True).to(_F64) / 255.0
     im = im + strength * plasma[..., None]
@@ -380,12 +406,10 @@ def frost(x: torch.Tensor, c: tuple, rngs: list, profile: str) -> torch.Tensor:
 def snow(x: torch.Tensor, param: tuple, rngs: list, profile: str) -> torch.Tensor:
     loc, scale, z, thr, radius, sigma, b = param
     n, h, w, c = x.shape
-    layers = np.empty((n, h, w), np.float64)
-    angles = np.empty(n, np.float64)
-    for i, rng in enumerate(rngs):  # layer, then angle, per image (the numpy engine's order)
-        layers[i] = rng.normal(loc, scale, (h, w))
-        angles[i] = rng.uniform(-135, -45)
-    lay = clipped_zoom_tensor(_dev(layers, x), z)
+    # The layer, then the angle, per image (the numpy engine's order).
+    draws = per_image(lambda rng: (rng.normal(loc, scale, (h, w)), rng.uniform(-135, -45)), rngs, pixels=h * w)
+    angles = np.array([a for _, a in draws], np.float64)
+    lay = clipped_zoom_tensor(_dev(np.stack([layer for layer, _ in draws]), x), z)
     lay = torch.where(lay < thr, 0.0, lay)
     layer8 = (lay.clamp(0, 1) * 255).to(torch.uint8)
     flakes = motion_blur_tensor(layer8[..., None], radius, sigma, angles).to(_F64) / 255.0
