@@ -113,8 +113,8 @@ def _reflect(i: np.ndarray, n: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _gaussian_matrix(n: int, sigma: float, truncate: float = 3.0, mode: str = "reflect") -> np.ndarray:
-    """The (n, n) matrix of scipy's gaussian_filter1d(mode="reflect", or "nearest") along one axis.
+def _gaussian_matrix(n: int, sigma: float, truncate: float = 3.0) -> np.ndarray:
+    """The (n, n) matrix of scipy's gaussian_filter1d(mode="reflect") along one axis.
 
     The original's sigma reaches 171 px (kernel radius 512) on 224 px images, so a direct filter costs ~1000 taps
     per pixel; folding the kernel into a matrix makes both axes two small matrix products for the whole batch.
@@ -123,8 +123,7 @@ def _gaussian_matrix(n: int, sigma: float, truncate: float = 3.0, mode: str = "r
     k = np.arange(-radius, radius + 1)
     w = np.exp(-0.5 / (sigma * sigma) * k**2)
     w /= w.sum()
-    src = np.arange(n)[:, None] + k[None, :]
-    src = _reflect(src, n) if mode == "reflect" else np.clip(src, 0, n - 1)
+    src = _reflect(np.arange(n)[:, None] + k[None, :], n)
     mat = np.zeros((n, n))
     np.add.at(mat, (np.repeat(np.arange(n), len(k)), src.ravel()), np.tile(w, n))
     return mat
