@@ -3,7 +3,9 @@
 ``corrupt(images, name, severity, profile, seed)`` takes uint8 NHWC images (numpy or torch) and returns the same
 type, shape and dtype. Each image gets its own random stream derived from ``(seed, corruption, severity, index)``,
 where ``index`` is the image's position in the batch plus ``start`` (or an explicit ``indices``), so an image's output
-never depends on how a dataset is split into batches nor on the global RNG state.
+never depends on how a dataset is split into batches nor on the global RNG state. CUDA tensors are corrupted on
+their device by torch ops for the 15 corruptions of ``torch_corruption_names()`` (see ``torch_path.py``), with the
+same random numbers; ``backend`` chooses the path explicitly.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _as_uint8_nhwc_tensor(images) -> tuple[object, Callable[[object], object], b
     if not _is_tensor(images):
         images = np.asarray(images)
         if images.dtype == np.uint8:
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            arr = np.ascontiguousarray(images)
+            images = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # torch wants a writable buffer
             back = lambda t: t.numpy()  # noqa: E731
     if not _is_tensor(images) or images.dtype != torch.uint8:
         raise TypeError(
