@@ -145,3 +145,14 @@ def test_pil_box_matrix_rows_sum_to_one_in_fixed_point():
         m = tp.pil_box_matrix(a, b)
         assert m.shape == (b, a) and (m.sum(1) > 0).all()
         assert np.abs(m.sum(1) - 2**22).max() <= m.shape[1]
+
+
+@pytest.mark.parametrize("name", ["shot_noise", "impulse_noise", "fog", "snow"])
+def test_threaded_draws_give_the_same_numbers(one_thread, monkeypatch, name):
+    # The host draws in a thread pool (one image per task) whatever the machine's core count.
+    monkeypatch.setattr(tp, "_DRAW_THREADS", 4)
+    monkeypatch.setattr(tp, "_POOL", None)
+    x = _synthetic(5, 128, seed=6)
+    out = corrupt(x, name, 3, profile="imagenet", seed=11, backend="torch")
+    assert tp._POOL is not None
+    assert np.array_equal(out, corrupt(x, name, 3, profile="imagenet", seed=11))
