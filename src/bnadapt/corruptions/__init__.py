@@ -3,7 +3,9 @@
 ``corrupt(images, name, severity, profile, seed)`` takes uint8 NHWC images (numpy or torch) and returns the same
 type, shape and dtype. Each image gets its own random stream derived from ``(seed, corruption, severity, index)``,
 where ``index`` is the image's position in the batch plus ``start`` (or an explicit ``indices``), so an image's output
-never depends on how a dataset is split into batches nor on the global RNG state.
+never depends on how a dataset is split into batches nor on the global RNG state. CUDA tensors are corrupted on
+their device by torch ops for the 15 corruptions of ``torch_corruption_names()`` (see ``torch_path.py``), with the
+same random numbers; ``backend`` chooses the path explicitly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import numpy as np
 
 from .params import PROFILES, severity_param
 
-__all__ = ["corrupt", "corruption_names", "COMMON", "EXTRA", "GROUPS"]
+__all__ = ["corrupt", "corruption_names", "torch_corruption_names", "COMMON", "EXTRA", "GROUPS", "BACKENDS"]
+
+# auto: the torch path (corruptions/torch_path.py) for CUDA tensors, numpy otherwise; torch: the torch path on any
+# device (numpy arrays too); numpy: always the numpy engine. Corruptions without a torch path always run on numpy.
+BACKENDS = ("auto", "numpy", "torch")
 
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
 BLUR = ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur")
@@ -83,10 +89,14 @@ def _validate(name: str, severity: int, profile: str) -> None:
         raise ValueError(f"expected severity to be an integer in 1..5, got {severity!r}")
 
 
+def _is_tensor(images) -> bool:
+    return hasattr(images, "detach") and hasattr(images, "cpu")  # a torch tensor, without importing torch here
+
+
 def _as_uint8_nhwc(images) -> tuple[np.ndarray, Callable[[np.ndarray], object], bool]:
     """Return (uint8 NHWC array, converter back to the caller's type, whether a batch axis was added)."""
     back: Callable[[np.ndarray], object] = lambda a: a  # noqa: E731
-    if hasattr(images, "detach") and hasattr(images, "cpu"):  # a torch tensor, without importing torch here
+    if _is_tensor(images):
         import torch
 
         device = images.device
@@ -100,15 +110,41 @@ def _as_uint8_nhwc(images) -> tuple[np.ndarray, Callable[[np.ndarray], object], 
     single = x.ndim == 3
     if single:
         x = x[None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"expected images of shape (N, H, W, C) or (H, W, C) with C = 1 or 3 (channels last), got shape {x.shape}"
-        )
-    if x.shape[1] < 32 or x.shape[2] < 32:
-        raise ValueError(
-            f"expected images of at least 32x32 pixels, got {x.shape[1]}x{x.shape[2]}; upsample them first"
-        )
+    _check_shape(x.shape)
     return np.ascontiguousarray(x), back, single
+
+
+def _as_uint8_nhwc_tensor(images) -> tuple[object, Callable[[object], object], bool]:
+    """The torch path's _as_uint8_nhwc: a contiguous uint8 NHWC tensor on the images' device (numpy arrays are
+    wrapped on the CPU and returned as numpy)."""
+    import torch
+
+    back: Callable[[object], object] = lambda t: t  # noqa: E731
+    if not _is_tensor(images):
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            arr = np.ascontiguousarray(images)
+            images = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # torch wants a writable buffer
+            back = lambda t: t.numpy()  # noqa: E731
+    if not _is_tensor(images) or images.dtype != torch.uint8:
+        raise TypeError(
+            f"expected uint8 images (values 0..255), got dtype {images.dtype}; convert with (x * 255).astype(uint8)"
+        )
+    x = images.detach()
+    single = x.ndim == 3
+    if single:
+        x = x[None]
+    _check_shape(tuple(x.shape))
+    return x.contiguous(), back, single
+
+
+def _check_shape(shape: tuple) -> None:
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected images of shape (N, H, W, C) or (H, W, C) with C = 1 or 3 (channels last), got shape {shape}"
+        )
+    if shape[1] < 32 or shape[2] < 32:
+        raise ValueError(f"expected images of at least 32x32 pixels, got {shape[1]}x{shape[2]}; upsample them first")
 
 
 class ImageRngs(Sequence):
@@ -159,6 +195,7 @@ def corrupt(
     seed: int | str | np.random.Generator | None = 0,
     start: int = 0,
     indices: Sequence[int] | None = None,
+    backend: str = "auto",
 ):
     """Apply one corruption at one severity to a batch of uint8 images.
 
@@ -176,6 +213,10 @@ def corrupt(
             (bytes then match the original code run with the same library versions).
         start: index of the first image in its dataset, so that any split of a dataset gives the same bytes.
         indices: explicit dataset indices of the images (overrides ``start``).
+        backend: ``auto`` (torch ops on the tensor's device for CUDA tensors, numpy otherwise), ``torch`` (torch ops
+            on any device, numpy arrays included) or ``numpy``. Corruptions without a torch path (see
+            :func:`torch_corruption_names`) run on numpy whatever the backend; both paths draw the same random numbers
+            and agree up to float rounding before the truncation to uint8.
 
     Returns:
         Corrupted images, same type, shape and dtype as ``images``.
@@ -189,7 +230,14 @@ def corrupt(
         True
     """
     _validate(name, severity, profile)
-    x, back, single = _as_uint8_nhwc(images)
+    if backend not in BACKENDS:
+        raise ValueError(f"expected backend to be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_torch = backend == "torch" or (backend == "auto" and _is_tensor(images) and images.device.type == "cuda")
+    if on_torch and name in torch_corruption_names():
+        x, back, single = _as_uint8_nhwc_tensor(images)
+    else:
+        on_torch = False
+        x, back, single = _as_uint8_nhwc(images)
     n = x.shape[0]
     if indices is None:
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
@@ -199,11 +247,16 @@ def corrupt(
         raise ValueError(f"expected one index per image ({n}), got {len(indices)} indices")
     elif n and min(indices) < 0:
         raise ValueError(f"expected non-negative image indices, got {min(indices)}")
+    rngs = image_rngs(seed, name, severity, indices)
+    if on_torch:
+        from .torch_path import corrupt_tensor
+
+        y = corrupt_tensor(x, name, severity, profile, rngs)
+        return back(y[0] if single else y)
     entry = _REGISTRY[name]
     grey = x.shape[-1] == 1
     if grey and entry.rgb_only:
         x = np.repeat(x, 3, axis=-1)
-    rngs = image_rngs(seed, name, severity, indices)
     y = entry.fn(x, severity_param(profile, name, severity), rngs, profile)
     y = to_uint8(y)
     if grey and entry.rgb_only:
@@ -212,6 +265,18 @@ def corrupt(
     if single:
         y = y[0]
     return back(np.ascontiguousarray(y))
+
+
+def torch_corruption_names() -> list[str]:
+    """The corruptions that have a torch path (run on the tensor's device), in the canonical order; imports torch.
+
+    Example:
+        >>> "glass_blur" in torch_corruption_names()
+        False
+    """
+    from .torch_path import torch_corruption_names as names
+
+    return names()
 
 
 def to_uint8(y: np.ndarray) -> np.ndarray:
