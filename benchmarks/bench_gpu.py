@@ -70,7 +70,8 @@ def forward_rate(model, device, batch: int, size: int, steps: int, amp: bool, ch
 def bench_rate(model, root: Path, device, batch: int, jobs: int, decode: str, methods: tuple[str, ...]) -> float:
     data = open_data(f"imagenet-c:{root}", ["fog"], [1, 2])
     images = sum(len(data.cell(*c)) for c in data.cells)
-    config = BenchConfig(methods=methods, ns=(32,), batch_size=batch, jobs=jobs, device=str(device), amp="bf16",
+    n = min(32, *(len(data.cell(*c)) for c in data.cells))  # --tiny cells hold fewer than 32 images
+    config = BenchConfig(methods=methods, ns=(n,), batch_size=batch, jobs=jobs, device=str(device), amp="bf16",
                          channels_last=True, decode=decode)  # fmt: skip
     run_benchmark({"resnet50": model}, data, config)  # warm-up: cuDNN autotuning, worker start, page cache
     sync(device)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tiny = args.tiny
     size = 64 if tiny else 224
-    per_cell = args.per_cell or (8 if tiny else 5000)
+    per_cell = args.per_cell or (12 if tiny else 5000)
     batch = args.batch_size or (8 if tiny else 256)
     jobs = args.workers if args.workers is not None else (0 if tiny else min(8, os.cpu_count() or 1))
     torch.manual_seed(0)

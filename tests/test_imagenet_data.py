@@ -158,3 +158,34 @@ def test_a_file_the_device_decoder_refuses_is_decoded_on_the_cpu_and_counted(tmp
 def test_file_images_refuse_an_unknown_preparation(tmp_path: Path):
     with pytest.raises(ValueError, match="prepare"):
         FileImages([], np.zeros(0, np.int64), prepare="resize")
+
+
+@pytest.mark.parametrize("release_jpeg", [False, True])
+def test_corruption_left_to_the_device_gives_the_workers_bytes(listed: Path, release_jpeg: bool):
+    """generate: on a GPU corrupts in the main process with the torch path; run here on the CPU, it is exact."""
+    data = open_data(f"generate:imagenet:{listed}", ["gaussian_noise", "glass_blur"], [2], release_jpeg=release_jpeg)
+    sets = [data.cell(*c) for c in data.cells]
+    plain = [x for _, x, _ in iter_batches_of(sets, 3)]
+    staged = [x for _, x, _ in iter_batches_of(sets, 3, on_device=True)]
+    assert len(plain) == len(staged) == 6
+    for a, b in zip(plain, staged, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bench_gpu_script_runs_on_cpu_tiny(capsys):
+    import runpy
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["bench_gpu.py", "--device", "cpu", "--tiny"]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    for what in ("(a) forward fp32", "(b) bench source", "(c) bench source, decode on CPU", "(d) corrupt"):
+        assert what in out
+    rates = [line.rsplit("  ", 1)[1] for line in out.splitlines() if line.startswith("(")]
+    assert all(float(r.split("|")[0]) > 0 for r in rates)
