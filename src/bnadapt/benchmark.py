@@ -320,7 +320,7 @@ def run_benchmark(
     return rows
 
 
-def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator, shard=None):
+def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator, shard=None, samples=None):
     """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with ``shard``: from this rank's
     part of the sample, its statistics combined with the other ranks')."""
     method, n, seed = variant
@@ -332,8 +332,13 @@ def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev:
         indices = sample_indices(len(source), n, seed)
         if shard is not None:
             indices, combined = shard.adaptation(method, indices)
-        # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes.
-        images = ev.inputs(source.load(indices, device, ev.on_device))
+        # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes;
+        # methods drawing with the same seed share the load (``samples``: this cell's loaded samples).
+        samples = {} if samples is None else samples
+        key = (id(source), tuple(indices.tolist()))
+        if key not in samples:
+            samples[key] = ev.inputs(source.load(indices, device, ev.on_device))
+        images = samples[key]
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
     options = {k: v for k, v in config.options.items() if k in method_options(method)}
     with combined:
@@ -381,9 +386,10 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
                 yield finish(current)
             current = k
             state = []
+            samples: dict = {}
             for variant in plan[k][1]:
                 if adapt_cell is None:
-                    m, secs = _adapted(model, variant, sets[k], config, ev, shard)
+                    m, secs = _adapted(model, variant, sets[k], config, ev, shard, samples)
                 else:
                     if variant not in adapted_once:
                         adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev, shard)
