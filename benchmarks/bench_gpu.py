@@ -81,7 +81,15 @@ def bench_rate(model, root: Path, device, batch: int, jobs: int, decode: str, me
     return images / (time.perf_counter() - t0)
 
 
-def corruption_rates(device, n: int, size: int, names: list[str]) -> list[tuple[str, float, float | None]]:
+def _or_error(measure) -> str:
+    """The measurement, or why it failed: one failing row must not lose the rest of the table."""
+    try:
+        return measure()
+    except Exception as e:
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+
+def corruption_rates(device, n: int, size: int, names: list[str]) -> list[tuple[str, float, str | None]]:
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -95,12 +103,16 @@ def corruption_rates(device, n: int, size: int, names: list[str]) -> list[tuple[
         cpu = n / (time.perf_counter() - t0)
         dev = None
         if name in torch_corruption_names():
-            corrupt(xt[:2], name, 3, "imagenet", 0, backend="torch")  # warm-up (kernels, caches)
-            sync(device)
-            t0 = time.perf_counter()
-            corrupt(xt, name, 3, "imagenet", 0, backend="torch")
-            sync(device)
-            dev = n / (time.perf_counter() - t0)
+
+            def timed(name=name) -> str:
+                corrupt(xt[:2], name, 3, "imagenet", 0, backend="torch")  # warm-up (kernels, caches)
+                sync(device)
+                t0 = time.perf_counter()
+                corrupt(xt, name, 3, "imagenet", 0, backend="torch")
+                sync(device)
+                return f"{n / (time.perf_counter() - t0):.0f}"
+
+            dev = _or_error(timed)
         out.append((name, cpu, dev))
     return out
 
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tiny = args.tiny
     size = 64 if tiny else 224
-    per_cell = args.per_cell or (12 if tiny else 5000)
+    per_cell = args.per_cell or (12 if tiny else 2500)
     batch = args.batch_size or (8 if tiny else 256)
     jobs = args.workers if args.workers is not None else (0 if tiny else min(8, os.cpu_count() or 1))
     torch.manual_seed(0)
@@ -144,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if device.type == "cpu" and decode == "auto":
                 label += " (no GPU: = CPU)"
-            rows.append((label, f"{bench_rate(model, Path(tmp), device, batch, jobs, decode, methods):.0f}"))
+            rate = _or_error(
+                lambda d=decode, m=methods: f"{bench_rate(model, Path(tmp), device, batch, jobs, d, m):.0f}"
+            )
+            rows.append((label, rate))
     names = list(COMMON)[:3] if tiny else list(COMMON)
     for cname, cpu, dev in corruption_rates(device, 4 if tiny else 64, size, names):
         rows.append((f"(d) corrupt {cname} s3: numpy CPU | torch {device.type}",
-                     f"{cpu:.0f} | {'-' if dev is None else f'{dev:.0f}'}"))  # fmt: skip
+                     f"{cpu:.0f} | {'-' if dev is None else dev}"))  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print(f"\n{'what':<{width}}  images/s")
     print("-" * (width + 12))

@@ -15,13 +15,15 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
     python3 -c "import os, torch, torchvision, numpy; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'numpy', numpy.__version__, 'cpus', os.cpu_count())"
     echo "== CUDA tests $(date +%T)"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -25
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | grep -E "^E  |^FAILED|passed|failed" | head -40
     echo "== bench_gpu $(date +%T)"
-    timeout 200 python3 benchmarks/bench_gpu.py --per-cell 4000 2>&1
+    timeout 170 python3 benchmarks/bench_gpu.py 2>&1
     echo "== ImageNet grid $(date +%T)"
-    timeout 300 python3 -m bnadapt bench --model efficientnet_lite0 \
+    timeout 270 python3 -m bnadapt bench --model efficientnet_lite0 \
         --data generate:imagenet:.gpudata/imagenet_val1300 --release-jpeg --corruptions all --severities 1-5 \
         --methods source,replace,prior --n 32 --seeds 0,1,2 -b 260 -j 14 --cpu-decode \
         --out "$OUT/lite0_gpu" --no-plots --no-progress 2>&1 | tail -25
+    echo "== torch path fidelity and speed on the GPU $(date +%T)"
+    timeout 60 python3 benchmarks/bench_corruptions_torch.py --device cuda --images 16 --reps 1 --fidelity 2>&1 | tail -45
     echo "== end $(date +%T)"
 } > "$OUT/log.txt" 2>&1

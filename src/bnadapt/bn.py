@@ -418,9 +418,10 @@ def estimate_stats(
     for n in names:
         mo = moments[n]
         assert mo.mean is not None and mo.m2 is not None  # every hooked layer ran once per batch
-        out.mean[n] = mo.mean.float()
+        # On the CPU, like every BNStats (from_model, load): statistics of different origins mix without a device clash.
+        out.mean[n] = mo.mean.float().cpu()
         # Unbiased, as BatchNorm stores running_var.
-        out.var[n] = (mo.m2 / max(mo.count - 1, 1)).float()
+        out.var[n] = (mo.m2 / max(mo.count - 1, 1)).float().cpu()
         out.count[n] = mo.count
     return out
 
