@@ -85,9 +85,16 @@ def _dev(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a).to(like.device)
 
 
+def _div(t: torch.Tensor, d: float) -> torch.Tensor:
+    """``t / d`` correctly rounded on every device: CUDA divides by a Python number as a multiplication by its
+    reciprocal (off by one unit in the last place, which the final truncation to uint8 turns into one level), but by
+    a tensor on the device with a true division."""
+    return t / torch.tensor(d, dtype=t.dtype, device=t.device)
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float64 / 255, the numpy engine's ``x / 255.0``."""
-    return x.to(_F64) / 255.0
+    return _div(x.to(_F64), 255.0)
 
 
 def corrupt_tensor(x: torch.Tensor, name: str, severity: int, profile: str, rngs) -> torch.Tensor:
@@ -114,7 +121,7 @@ def corrupt_tensor(x: torch.Tensor, name: str, severity: int, profile: str, rngs
         # ITU-R 601 luma in float32, as the numpy engine; elementwise rather than a matrix product, which CUDA may
         # run in TF32 (torch.set_float32_matmul_precision).
         y = out.to(torch.float32)
-        out = to_uint8((y[..., :1] * 0.299 + y[..., 1:2] * 0.587 + y[..., 2:] * 0.114) / 255.0)
+        out = to_uint8(_div(y[..., :1] * 0.299 + y[..., 1:2] * 0.587 + y[..., 2:] * 0.114, 255.0))
     return out
 
 
@@ -164,7 +171,7 @@ def speckle_noise(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.
 def shot_noise(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
     # numpy's Poisson draw takes the rate per pixel: the images go to the host (uint8) and the counts come back.
     counts = _drawn(lambda rng, im: rng.poisson(im / 255.0 * c).astype(np.int32), x, rngs, x.cpu().numpy())
-    return counts.to(_F64) / c
+    return _div(counts.to(_F64), c)
 
 
 @_register("impulse_noise")
@@ -200,7 +207,7 @@ def _hsv_roundtrip(x: torch.Tensor, adjust: Callable[[torch.Tensor, torch.Tensor
     s = delta / torch.where(grey, 1.0, v)
     h = num / torch.where(grey, 1.0, delta)
     h = h + torch.where(bmax, 4.0, torch.where(gmax, 2.0, 0.0))
-    h = h / 6.0
+    h = _div(h, 6.0)
     h = h + (h < 0).to(_F64)  # skimage's h % 1.0 for h in [-1/6, 5/6]
     h = torch.where(grey, 0.0, h)
 
@@ -381,7 +388,7 @@ def fog(x: torch.Tensor, c: tuple, rngs: list, profile: str) -> torch.Tensor:
     # The diamond-square steps are sequential per image: computed on the host, one image per thread.
     plasma = _drawn(lambda rng: plasma_fractal([rng], mapsize, decay)[0, :h, :w], x, rngs)
     im = _unit(x)
-    peak = x.amax(dim=(1, 2, 3), keepdim=True).to(_F64) / 255.0
+    peak = _div(x.amax(dim=(1, 2, 3), keepdim=True).to(_F64), 255.0)
     im = im + strength * plasma[..., None]
     return im * peak / (peak + strength)
 
@@ -412,8 +419,8 @@ def snow(x: torch.Tensor, param: tuple, rngs: list, profile: str) -> torch.Tenso
     lay = clipped_zoom_tensor(_dev(np.stack([layer for layer, _ in draws]), x), z)
     lay = torch.where(lay < thr, 0.0, lay)
     layer8 = (lay.clamp(0, 1) * 255).to(torch.uint8)
-    flakes = motion_blur_tensor(layer8[..., None], radius, sigma, angles).to(_F64) / 255.0
-    im = x.to(torch.float32) / 255.0
+    flakes = _div(motion_blur_tensor(layer8[..., None], radius, sigma, angles).to(_F64), 255.0)
+    im = _div(x.to(torch.float32), 255.0)
     # cv2.cvtColor(RGB2GRAY) in float32 for colour images.
     grey = im[..., :1] * 0.299 + im[..., 1:2] * 0.587 + im[..., 2:] * 0.114 if c == 3 else im
     im = b * im + (1 - b) * torch.maximum(im, grey * 1.5 + 0.5)
