@@ -43,11 +43,16 @@ class Loaded(NamedTuple):
 
 
 def build_summary(out: str | os.PathLike[str], baseline: Baseline | None = None) -> Loaded:
-    """Read a results folder and summarise it; mCE uses ``baseline``, or AlexNet for ImageNet-C data."""
+    """Read a results folder and summarise it; mCE uses ``baseline``, or AlexNet for ImageNet-C data (released or
+    ``generate:imagenet:``)."""
     headers, rows = read_results(out)
     if not rows:
         raise ValueError(f"expected result rows in {Path(out)}, got none; the run finished no cell yet")
-    imagenet = any((h.get("data") or {}).get("kind") == "imagenet-c" for h in headers)
+    # AlexNet's errors normalise ImageNet-C, released or generated with the ImageNet constants (generate:imagenet:).
+    specs = [h.get("data") or {} for h in headers]
+    imagenet = any(
+        d.get("kind") == "imagenet-c" or str(d.get("spec", "")).startswith("generate:imagenet:") for d in specs
+    )
     return Loaded(headers, summarize(rows, baseline, imagenet=imagenet), rows)
 
 
