@@ -341,8 +341,22 @@ def _replace(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> n
     return model
 
 
-@register_method("prior")
+PRIOR_ORDERS = ("independent", "sequential")
+
+
+def _check_prior(options: dict) -> None:
+    if options["order"] not in PRIOR_ORDERS:
+        raise ValueError(
+            f"expected prior's option order to be one of {', '.join(PRIOR_ORDERS)}, got {options['order']!r}"
+        )
+
+
+@register_method("prior", options={"order": "independent"}, check=_check_prior)
 def _prior(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
+    if cfg.options["order"] == "sequential":
+        from .shrink import prior_in_order
+
+        return prior_in_order(model, images, cfg, layers)
     source, target = _estimate(model, images, cfg, layers)
     # Schneider et al. count n in images, not in the values per channel a layer sees.
     n = int(target.metadata["images"])

@@ -205,6 +205,24 @@ def _sequential(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -
     return model
 
 
+def prior_in_order(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
+    """``prior`` with ``order=sequential``: each layer mixes its source statistics with those of the n images,
+    weight ``n / (N + n)``, measured with every earlier layer already mixed, as Schneider et al.'s reference code
+    normalises (its BN layers mix inside the forward pass). ``order=independent`` measures every layer's target
+    statistics with the earlier layers fully adapted (one train-mode forward) and mixes afterwards."""
+    _sample_size_check(images)
+
+    def decide(name: str, layer: nn.Module, a: torch.Tensor, w: torch.Tensor, positions: int):
+        m, v, _ = _pooled(a, w, positions)
+        weight = a.shape[0] / (cfg.prior + a.shape[0])
+        src_m, src_v = layer.running_mean.double(), layer.running_var.double()
+        mean = src_m + weight * (m - src_m) if cfg.part != "var" else src_m
+        return mean, (src_v + weight * (v - src_v) if cfg.part != "mean" else src_v)
+
+    estimate_in_order(model, images, layers, decide, cfg.batch_size, cfg.device)
+    return model
+
+
 # How far along the shrinkage path to go: 0 = source, 1 = the shrinkage weights as derived. Chosen per adaptation
 # sample by a label-free score (see _score), because a real but harmless shift (e.g. train-time augmentation vs clean
 # test images) looks exactly like a harmful one to the statistics alone.
