@@ -61,8 +61,9 @@ class ExportPlan:
             raise ValueError(f"expected a non-negative seed, got {self.seed}")
 
 
-def resize_crop(image, resize: int = 256, crop: int = 224):
-    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear), as ImageNet-C was made.
+def resize_crop(image, resize: int = 256, crop: int = 224, resample: str = "bilinear"):
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear, or ``resample`` = "bicubic"),
+    as ImageNet-C was made.
 
     Example:
         >>> from PIL import Image
@@ -75,7 +76,7 @@ def resize_crop(image, resize: int = 256, crop: int = 224):
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = resize, int(resize * long / short)
     size = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize(size, Image.BILINEAR)
+    image = image.resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
     w, h = image.size
     left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
     return image.crop((left, top, left + crop, top + crop))
