@@ -87,7 +87,7 @@ def test_torch_path_on_cuda(name, profile):
         pytest.skip("frost textures not installed (pip install imagecorruptions or set BNADAPT_FROST_DIR)")
     n, size = SIZES[profile]
     for s, same, within1, dmax, mad in _compare(_synthetic(n, size, seed=2), name, profile, device="cuda"):
-        assert within1 >= 0.999 and mad < 0.01, (name, s, same, within1, dmax, mad)
+        assert same >= 0.999 and dmax <= 1, (name, s, same, within1, dmax, mad)  # measured on an H200: identical
 
 
 def test_names_and_fallbacks():
