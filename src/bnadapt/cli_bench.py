@@ -63,7 +63,7 @@ def _add_seeds_arg(g) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="evaluation batch (default: 256)")
-    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, 4 on cuda)")
+    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, min(8, cores) on cuda)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     g.add_argument("--amp", nargs="?", const=True, default=False, choices=("bf16", "fp16"),
                    help="autocast evaluation to bf16 or fp16 (bare --amp: bf16 on cpu, fp16 on cuda); BN statistics "
