@@ -289,7 +289,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = _open_bench_data(args)
     model = load_model(args.model[0], args.checkpoint, args.weights, args.trust_checkpoint)
     config = BenchConfig(ns=(args.n,), seeds=tuple(args.seeds), batch_size=args.batch_size, jobs=_workers(args),
-                         device=args.device, amp=args.amp, channels_last=args.channels_last,
+                         device=_device(args), amp=args.amp, channels_last=args.channels_last,
                          decode="cpu" if args.cpu_decode else "auto")  # fmt: skip
     bar = _progress_bar(0, not args.no_progress, "cell")
 

@@ -123,28 +123,28 @@ class FileImages(ImageSet):
                                 device.type, str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
                     im = _decode(self.files[int(i)], prepare=self.prepare)
                     images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).to(device))
+        images = [im.permute(1, 2, 0) for im in images]  # (H, W, C) views, as get() returns them
         if self.prepare == "crop224":
-            images = [_center_crop_chw(im, 224) for im in images]
-        for i, im in zip(indices, images, strict=True):
-            if im.shape != images[0].shape:
-                raise ValueError(
-                    f"expected all images of {self.name} to be {images[0].shape[2]}x{images[0].shape[1]}, got "
-                    f"{im.shape[2]}x{im.shape[1]} in {self.files[int(i)]}; resize them to one size first"
-                )
-        return torch.stack(images).permute(0, 2, 3, 1)
+            images = [center_crop(im, 224) for im in images]
+        self._check_same_size(indices, images)
+        return torch.stack(images)
 
     def cpu_fallbacks(self) -> int:
         return self._fallbacks
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         images = [_decode(self.files[int(i)], prepare=self.prepare) for i in indices]
+        self._check_same_size(indices, images)
+        return np.stack(images)
+
+    def _check_same_size(self, indices: np.ndarray, images: list) -> None:
+        """Every (H, W, C) image of a batch must have the first one's size (arrays or tensors)."""
         for i, im in zip(indices, images, strict=True):
             if im.shape != images[0].shape:
                 raise ValueError(
                     f"expected all images of {self.name} to be {images[0].shape[1]}x{images[0].shape[0]}, got "
                     f"{im.shape[1]}x{im.shape[0]} in {self.files[int(i)]}; resize them to one size first"
                 )
-        return np.stack(images)
 
 
 class CorruptedImages(ImageSet):
@@ -215,11 +215,6 @@ class _Deferred:
 
     def __init__(self, data: object) -> None:
         self.data = data
-
-
-def _center_crop_chw(image: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`center_crop` for a (C, H, W) tensor."""
-    return center_crop(image.permute(1, 2, 0), size).permute(2, 0, 1)
 
 
 RELEASE_JPEG_QUALITY = 85  # ImageNet-C's files were saved by Pillow at quality 85
