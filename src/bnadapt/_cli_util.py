@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-# Errors that mean "the input or the options are wrong"; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+from .errors import EXIT_USAGE, USER_ERRORS  # noqa: F401  (re-exported for the subcommands)
 
 
 class _Parser(argparse.ArgumentParser):

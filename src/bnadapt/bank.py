@@ -419,10 +419,8 @@ class _CellImages(Mapping[str, np.ndarray]):
     """Condition label -> up to 2n images of that benchmark cell (a seeded draw), read when asked for."""
 
     def __init__(self, data: BenchData, n: int, seed: int) -> None:
-        from .benchmark import _label
-
         self.data, self.n, self.seed = data, n, seed
-        self.cells = {_label(c): c for c in data.cells}
+        self.cells = {str(c): c for c in data.cells}
 
     def __getitem__(self, key: str) -> np.ndarray:
         images = self.data.cell(*self.cells[key])

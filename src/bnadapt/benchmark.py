@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
-from .data import CLEAN, BenchData, Cell, ImageSet, iter_batches_of
+from .data import BenchData, Cell, ImageSet, iter_batches_of
 from .distributed import Dist, check_shardable
 from .metrics import Accuracy
 from .results import Journal, read_results
@@ -110,22 +110,13 @@ def variants(config: BenchConfig) -> list[Variant]:
 
 
 def parse_cell(text: str) -> Cell:
-    """``"gaussian_noise:5"`` -> ("gaussian_noise", 5); ``"clean"`` -> ("clean", 0).
+    """``"gaussian_noise:5"`` -> ("gaussian_noise", 5); ``"clean"`` -> ("clean", 0) (kept for :meth:`Cell.parse`).
 
     Example:
         >>> parse_cell("fog:3")
-        ('fog', 3)
+        Cell(corruption='fog', severity=3)
     """
-    if text == CLEAN:
-        return (CLEAN, 0)
-    name, sep, sev = text.partition(":")
-    if not sep or not sev.isdigit() or not 1 <= int(sev) <= 5:
-        raise ValueError(f"expected a cell as <corruption>:<severity 1..5> (e.g. fog:3) or clean, got {text!r}")
-    return (name, int(sev))
-
-
-def _label(cell: Cell) -> str:
-    return CLEAN if cell[0] == CLEAN else f"{cell[0]}:{cell[1]}"
+    return Cell.parse(text)
 
 
 def _versions() -> dict[str, str]:
@@ -311,7 +302,7 @@ def run_benchmark(
             if progress is not None:
                 accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
                         for r in cell_rows}  # fmt: skip
-                progress(finished, len(plan), f"{name} {_label(cell)}", accs)
+                progress(finished, len(plan), f"{name} {cell}", accs)
     finally:
         if journal is not None:
             journal.close()

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from ._cli_util import USER_ERRORS
 from .adapt import is_online
 from .bn import combined_batches
 from .data import ImageSet, IndexedImages
+from .errors import USER_ERRORS
 
 log = logging.getLogger(__name__)
 

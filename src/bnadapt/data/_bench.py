@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,7 +31,32 @@ CLEAN = "clean"  # the corruption name of the clean cell; its severity is 0
 DATA_KINDS = ("cifar-c", "imagenet-c", "folder", "npz", "generate")
 
 
-Cell = tuple[str, int]
+class Cell(NamedTuple):
+    """One benchmark cell: a corruption and its severity 1..5, or ``("clean", 0)``; equal to the plain tuple.
+
+    Written ``fog:3`` or ``clean`` (:meth:`parse` reads that back).
+
+    Example:
+        >>> cell = Cell.parse("fog:3")
+        >>> cell, str(cell), Cell.parse("clean") == ("clean", 0)
+        (Cell(corruption='fog', severity=3), 'fog:3', True)
+    """
+
+    corruption: str
+    severity: int
+
+    def __str__(self) -> str:
+        return CLEAN if self.corruption == CLEAN else f"{self.corruption}:{self.severity}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cell:
+        """``"gaussian_noise:5"`` -> Cell("gaussian_noise", 5); ``"clean"`` -> Cell("clean", 0)."""
+        if text == CLEAN:
+            return cls(CLEAN, 0)
+        name, sep, sev = text.partition(":")
+        if not sep or not name or not sev.isdigit() or not 1 <= int(sev) <= 5:
+            raise ValueError(f"expected a cell as <corruption>:<severity 1..5> (e.g. fog:3) or clean, got {text!r}")
+        return cls(name, int(sev))
 
 
 @dataclass(frozen=True)
@@ -74,12 +100,13 @@ class BenchData:
         >>> import tempfile
         >>> f = Path(tempfile.mkdtemp()) / "c.npz"
         >>> np.savez(f, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))
-        >>> open_data(f"generate:cifar:{f}", ["contrast"], [1, 5]).cells
-        [('clean', 0), ('contrast', 1), ('contrast', 5)]
+        >>> [str(cell) for cell in open_data(f"generate:cifar:{f}", ["contrast"], [1, 5]).cells]
+        ['clean', 'contrast:1', 'contrast:5']
     """
 
     def __init__(self, spec: DataSpec, cells: list[Cell], missing: list[str], opener, seed: int = 0) -> None:
-        self.spec, self.cells, self.missing, self._open, self.seed = spec, cells, missing, opener, seed
+        self.spec, self.missing, self._open, self.seed = spec, missing, opener, seed
+        self.cells = [Cell(*c) for c in cells]
         self.limit: int | None = None  # images per cell, spread evenly over it (--limit-per-cell)
         self._cache: dict[Cell, ImageSet] = {}
 
@@ -164,7 +191,7 @@ def open_data(
     if clean is not None and data.cells[0] != (CLEAN, 0):
         clean_set, corrupted = open_clean(clean, prepare), data._open
         data._open = lambda c, s: clean_set if c == CLEAN else corrupted(c, s)
-        data.cells.insert(0, (CLEAN, 0))
+        data.cells.insert(0, Cell(CLEAN, 0))
     if not [c for c in data.cells if c[0] != CLEAN]:
         raise ValueError(f"expected at least one corruption/severity cell in {spec.path}, found none of those asked")
     data.limit = limit
