@@ -11,8 +11,8 @@ import torch
 
 from bnadapt import BNStats, adapt, bn_layers
 from bnadapt.bank import FALLBACK, Bank, build_bank, image_signatures
-from bnadapt.bank_model import BankModel
 from bnadapt.cli import main
+from bnadapt.methods.bank import BankModel
 from bnadapt.results import read_results
 from conftest import make_tiny
 

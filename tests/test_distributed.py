@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnadapt.bn import combined_batches, estimate_stats
+from bnadapt.bn import estimate_stats
 from bnadapt.cli import main
 from bnadapt.results import RESULTS, read_results
 from conftest import make_tiny, save_resnet20_checkpoint
@@ -160,8 +160,7 @@ class _Alone:
 def test_combined_batches_normalise_like_a_train_mode_forward(one_thread):
     # Eval-mode layers fed the combined batch statistics must reproduce a train-mode forward (BN2d and BN1d).
     net, x = make_tiny(), torch.rand(16, 3, 12, 12)
-    with combined_batches(_Alone()):
-        combined = estimate_stats(net, x, batch_size=16)
+    combined = estimate_stats(net, x, batch_size=16, reducer=_Alone())
     plain = estimate_stats(net, x, batch_size=16)
     assert combined.metadata == plain.metadata and combined.count == plain.count
     for n in plain.names:

@@ -6,7 +6,8 @@ import torch
 
 from bnadapt import adapt, bn_layers
 from bnadapt.adapt import parse_options
-from bnadapt.shrink import auto_weights, equivalent_prior, shrinkage_weight
+from bnadapt.bn import equivalent_prior, shrinkage_weight
+from bnadapt.methods.inorder import auto_weights
 from conftest import make_tiny
 
 

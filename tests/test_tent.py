@@ -14,8 +14,8 @@ from bnadapt.adapt import is_online, method_options, parse_options
 from bnadapt.benchmark import BenchConfig, run_benchmark
 from bnadapt.cli import main
 from bnadapt.data import open_data
+from bnadapt.methods.tent import softmax_entropy
 from bnadapt.results import read_results
-from bnadapt.tent import softmax_entropy
 from conftest import make_tiny
 
 

@@ -8,23 +8,25 @@ Example:
 
 from __future__ import annotations
 
-from . import shrink as _shrink  # noqa: F401  (registers sequential and auto)
-from .adapt import adapt, method_names, register_method
+from ._version import __version__
+from .adapt import MethodSpec, adapt, method_names, method_spec, register_method
 from .bank import Bank, build_bank
-from .bank_model import BankModel  # also registers the method bank
 from .benchmark import BenchConfig, run_benchmark
 from .bn import BNStats, bn_layers, estimate_stats, mix_stats
 from .corruptions import corrupt, corruption_names
-from .data import open_data, read_images, to_float_nchw
+from .data import Cell, open_data, read_images, to_float_nchw
+from .methods import BankModel, Tent, reset  # importing the package registers every method
 from .models import load_model, model_names
-from .tent import Tent  # importing the module registers the tent method
 
 __all__ = [
     "BNStats",
     "Bank",
     "BankModel",
     "BenchConfig",
+    "Cell",
+    "MethodSpec",
     "Tent",
+    "__version__",
     "adapt",
     "bn_layers",
     "build_bank",
@@ -33,12 +35,13 @@ __all__ = [
     "estimate_stats",
     "load_model",
     "method_names",
+    "method_spec",
     "mix_stats",
     "model_names",
     "open_data",
     "read_images",
     "register_method",
+    "reset",
     "run_benchmark",
     "to_float_nchw",
 ]
-__version__ = "0.1.0"

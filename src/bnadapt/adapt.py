@@ -1,19 +1,10 @@
-"""Adaptation methods behind one interface and a name registry.
+"""The front of adaptation: :func:`adapt`, its :class:`AdaptConfig`, and the registry of methods (:class:`MethodSpec`).
 
-Each method takes a copy of the model (never the caller's, unless ``inplace=True``), the target images and the
-options, and returns the adapted model in eval mode:
-
-- ``source``: no change (the baseline).
-- ``replace``: every selected BN layer's statistics become the mean and unbiased variance of its input over the n
-  target images, as one train-mode forward measures them (Benz et al. 2021).
-- ``prior``: ``N/(N+n)`` source + ``n/(N+n)`` target statistics (Schneider et al. 2020), N = ``prior``.
-- ``test-batch``: every inference batch is normalised with its own statistics (Nado et al. 2020; tent's "norm").
-- ``ema``: online: each inference batch first moves the running statistics by ``momentum`` towards its own, then is
-  normalised with them, for deployments that see an endless stream.
-- ``tent`` (in :mod:`bnadapt.tent`): online: ``test-batch`` plus one entropy-minimising optimiser step on the BN
-  affine parameters per batch (Wang et al. 2021).
-- ``bank`` (in :mod:`bnadapt.bank_model`): online: each inference batch, down to one image, gets the statistics of the
-  best-matching condition of a bank built beforehand (``bnadapt bank build``), or the source statistics.
+This module knows no statistics: each method lives in :mod:`bnadapt.methods` (one module per family) and registers
+itself here with :func:`register_method`. A method takes a copy of the model (never the caller's, unless
+``inplace=True``), the target images and an :class:`AdaptConfig`, and returns the adapted model. Its own knobs are
+*options* (``method_options``), declared with defaults whose types they take; ``prior=`` and ``momentum=`` of
+:func:`adapt` (and the CLI's ``--prior``/``--momentum``) are aliases of the options of that name.
 """
 
 from __future__ import annotations
@@ -21,47 +12,62 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .bn import BNStats, bn_layers, check_batch_for_layers, estimate_stats, iter_batches, mix_stats, select_layers
+from .bn import BatchReducer, bn_layers, check_batch_for_layers, select_layers
 from .data import to_float_nchw
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "OPTION_ALIASES",
+    "AdaptConfig",
+    "MethodSpec",
     "adapt",
     "is_online",
     "method_names",
     "method_options",
+    "method_spec",
     "method_uses_images",
+    "option_default",
     "parse_options",
-    "AdaptConfig",
     "register_method",
+    "resolve_aliases",
     "sample_indices",
     "unregister_method",
 ]
 
+# Keywords of adapt() (and CLI flags) that set the method option of the same name, for the methods declaring it.
+OPTION_ALIASES = ("prior", "momentum")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class AdaptConfig:
-    """Options shared by every method (see :func:`adapt` for their meaning)."""
+    """What a method is asked to do (see :func:`adapt` for the meaning of each field).
+
+    ``options`` holds the method's own options with the defaults filled in; ``reducer`` is set when several
+    processes each hold a part of the sample (``bench --shard-cells``, :class:`MethodSpec` ``shardable``).
+
+    Example:
+        >>> AdaptConfig(n=32, options={"order": "independent"}).part
+        'both'
+    """
 
     n: int | None = None
     seed: int | None = 0
-    prior: float = 16.0
     part: str = "both"
     layers: tuple[str, ...] | None = None
     first: int | None = None
     last: int | None = None
-    momentum: float = 0.1
     batch_size: int = 256
     device: torch.device | str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)  # the method's own options, defaults filled in
+    options: Mapping[str, Any] = field(default_factory=dict)
+    reducer: BatchReducer | None = None
 
 
 # A method: (model copy, target images or None, config, selected BN layer names) -> adapted model.
@@ -69,15 +75,34 @@ Method = Callable[[nn.Module, "torch.Tensor | Iterable | None", AdaptConfig, lis
 
 
 @dataclass(frozen=True)
-class _MethodEntry:
+class MethodSpec:
+    """A registered method: its function and what the protocol needs to know about it.
+
+    ``images``: whether it needs target images ("required"), uses them when given ("optional") or never looks at
+    them ("unused"). ``online``: it keeps adapting during inference (no fixed statistics to save; its model has
+    ``reset()``). ``shardable``: its statistics are one :func:`bnadapt.bn.estimate_stats` over the sample, so the
+    sample can be split over processes (a callable decides from the options). ``options``: name -> default.
+    ``check``: refuses bad option values (ValueError).
+
+    Example:
+        >>> method_spec("replace").shardable, method_spec("tent").online
+        (True, True)
+    """
+
+    name: str
     fn: Method
-    images: str  # "required", "optional" (used when given) or "unused"
-    online: bool  # adapts while it runs inference: no fixed statistics to save
-    options: Mapping[str, Any]  # name -> default; the default's type is the option's type
-    check: Callable[[dict[str, Any]], None] | None = None  # refuses bad option values (ValueError)
+    images: str = "required"
+    online: bool = False
+    shardable: bool | Callable[[Mapping[str, Any]], bool] = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    def can_shard(self, options: Mapping[str, Any]) -> bool:
+        """Whether the sample may be split over processes with these options (defaults filled in)."""
+        return self.shardable(options) if callable(self.shardable) else bool(self.shardable)
 
 
-_METHODS: dict[str, _MethodEntry] = {}
+_METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(
@@ -86,15 +111,13 @@ def register_method(
     online: bool = False,
     options: Mapping[str, Any] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
+    shardable: bool | Callable[[Mapping[str, Any]], bool] = False,
 ) -> Callable[[Method], Method]:
     """Add an adaptation method to the registry under ``name`` (used by :func:`adapt`, the CLI and benchmarks).
 
-    ``images`` says whether the method needs target images ("required"), uses them when given ("optional"), or
-    never looks at them ("unused"); ``online`` methods keep adapting during inference, so they have no fixed
-    statistics to save. ``options`` maps the method's own option names to defaults (their types are the options'
-    types); the method reads them from ``cfg.options``. ``check``, if given, gets the method's options (defaults
-    filled in) whenever they are parsed and raises ValueError for bad values, so a benchmark refuses them before it
-    writes anything.
+    The arguments become the method's :class:`MethodSpec`. The method reads its options from ``cfg.options``;
+    ``check``, if given, gets the options (defaults filled in) whenever they are parsed, so a benchmark refuses bad
+    values before it writes anything.
 
     Example:
         >>> @register_method("my-noop", images="unused", options={"strength": 1.0})
@@ -108,7 +131,7 @@ def register_method(
         raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _METHODS[name] = _MethodEntry(fn, images, online, dict(options or {}), check)
+        _METHODS[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check)
         return fn
 
     return deco
@@ -119,7 +142,13 @@ def unregister_method(name: str) -> None:
     _METHODS.pop(name, None)
 
 
-def _entry(name: str) -> _MethodEntry:
+def method_spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` of method ``name``, or a ValueError naming the known methods.
+
+    Example:
+        >>> method_spec("source").images
+        'unused'
+    """
     if name not in _METHODS:
         raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
     return _METHODS[name]
@@ -132,7 +161,7 @@ def method_options(name: str) -> dict[str, Any]:
         >>> method_options("replace")
         {}
     """
-    return dict(_entry(name).options)
+    return dict(method_spec(name).options)
 
 
 def parse_options(methods: Iterable[str], items: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -144,9 +173,10 @@ def parse_options(methods: Iterable[str], items: Iterable[str] | Mapping[str, An
         >>> parse_options(["replace"], [])
         {}
     """
+    methods = list(methods)
     accepted: dict[str, Any] = {}
     for m in methods:
-        accepted.update(_entry(m).options)
+        accepted.update(method_spec(m).options)
     pairs = items.items() if isinstance(items, Mapping) else [_split_option(t) for t in items]
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -155,10 +185,53 @@ def parse_options(methods: Iterable[str], items: Iterable[str] | Mapping[str, An
             raise ValueError(f"expected an option of method(s) {', '.join(methods)} (accepted: {known}), got {key!r}")
         out[key] = _coerce(key, value, accepted[key])
     for m in methods:
-        entry = _entry(m)
-        if entry.check is not None:
-            entry.check({**entry.options, **{k: v for k, v in out.items() if k in entry.options}})
+        spec = method_spec(m)
+        if spec.check is not None:
+            spec.check({**spec.options, **{k: v for k, v in out.items() if k in spec.options}})
     return out
+
+
+def resolve_aliases(method: str, options: Mapping[str, Any], **aliases: Any) -> dict[str, Any]:
+    """``options`` with the alias keywords (:data:`OPTION_ALIASES`, None = not given) that ``method`` declares
+    filled in. A given alias value is checked by every method declaring it, whichever method runs, and must agree
+    with the same option given explicitly.
+
+    Example:
+        >>> resolve_aliases("prior", {}, prior=8)
+        {'prior': 8.0}
+        >>> resolve_aliases("replace", {}, prior=8)
+        {}
+    """
+    out = dict(options)
+    for key, value in aliases.items():
+        if key not in OPTION_ALIASES:
+            raise TypeError(f"expected an option alias from {', '.join(OPTION_ALIASES)}, got {key!r}")
+        if value is None:
+            continue
+        owners = [s for s in _METHODS.values() if key in s.options]
+        for spec in owners:
+            value = _coerce(key, value, spec.options[key])
+            if spec.check is not None:
+                spec.check({**spec.options, key: value})
+        if key not in method_spec(method).options:
+            continue
+        if key in out and _coerce(key, out[key], method_spec(method).options[key]) != value:
+            raise ValueError(f"expected one value for {key}, got {value!r} and option {key}={out[key]!r}; pass one")
+        out[key] = value
+    return out
+
+
+def option_default(key: str) -> Any:
+    """The default of option ``key``, as the first registered method declaring it has it.
+
+    Example:
+        >>> option_default("prior")
+        16.0
+    """
+    for spec in _METHODS.values():
+        if key in spec.options:
+            return spec.options[key]
+    raise ValueError(f"expected an option some method declares, got {key!r}")
 
 
 def _split_option(text: str) -> tuple[str, str]:
@@ -195,8 +268,13 @@ def method_names() -> list[str]:
 
 
 def is_online(name: str) -> bool:
-    """Whether method ``name`` adapts during inference (``test-batch``, ``ema``, ``tent``), not once up front."""
-    return _entry(name).online
+    """Whether method ``name`` adapts during inference (``test-batch``, ``ema``, ``tent``, ``bank``), not once.
+
+    Example:
+        >>> is_online("ema"), is_online("replace")
+        (True, False)
+    """
+    return method_spec(name).online
 
 
 def method_uses_images(name: str) -> bool:
@@ -206,7 +284,7 @@ def method_uses_images(name: str) -> bool:
         >>> method_uses_images("replace"), method_uses_images("source")
         (True, False)
     """
-    return _entry(name).images != "unused"
+    return method_spec(name).images != "unused"
 
 
 def sample_indices(total: int, n: int, seed: int | None) -> np.ndarray:
@@ -258,16 +336,17 @@ def adapt(
     method: str = "replace",
     n: int | None = None,
     seed: int | None = 0,
-    prior: float = 16.0,
+    prior: float | None = None,
     part: str = "both",
     layers: Iterable[str] | str | None = None,
     first: int | None = None,
     last: int | None = None,
-    momentum: float = 0.1,
+    momentum: float | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     inplace: bool = False,
     options: Mapping[str, Any] | None = None,
+    reducer: BatchReducer | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose BatchNorm statistics are adapted to ``images`` by ``method``.
 
@@ -279,15 +358,16 @@ def adapt(
         n: number of adaptation images, drawn at random (seeded) from an array; the first n of an iterable; all if
             None.
         seed: seed of that draw.
-        prior: N, the source statistics' weight in pseudo-samples, for ``prior``.
+        prior: ``prior``'s option ``prior``: N, the source statistics' weight in pseudo-samples (default 16).
         part: adapt ``both`` statistics, only the ``mean`` or only the ``var``.
         layers: glob pattern(s) of BN layer names to adapt (others keep source statistics).
         first: adapt only the first k (selected) BN layers. last: only the last k.
-        momentum: ``ema``'s step towards each new batch's statistics.
+        momentum: ``ema``'s option ``momentum``: its step towards each new batch's statistics (default 0.1).
         batch_size: micro-batch for estimating statistics (results are exact for any value).
         device: where to estimate (default: the model's device).
         inplace: adapt ``model`` itself instead of a copy.
         options: the method's own options (:func:`method_options`), e.g. ``{"lr": 1e-3}`` for ``tent``.
+        reducer: combines the statistics of processes that each hold a part of the sample (shardable methods only).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
@@ -295,127 +375,29 @@ def adapt(
         >>> bool(adapted[1].running_var.equal(net[1].running_var))  # the caller's model is untouched
         False
     """
-    entry = _entry(method)
+    spec = method_spec(method)
     if part not in ("both", "mean", "var"):
         raise ValueError(f"expected part to be one of both, mean, var; got {part!r}")
-    if not prior >= 0:  # also refuses NaN
-        raise ValueError(f"expected a prior strength N >= 0, got {prior}")
-    if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"expected momentum in (0, 1], got {momentum}")
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    given = resolve_aliases(method, parse_options([method], options or {}), prior=prior, momentum=momentum)
     found = [name for name, _ in bn_layers(model)]
     if not found:
         raise ValueError("expected a model with BatchNorm layers (with running statistics), got none to adapt")
+    opts = {**spec.options, **parse_options([method], given)}
+    if reducer is not None and not spec.can_shard(opts):
+        raise ValueError(f"expected a method whose sample can be split over processes, got {method!r} with {opts}")
     patterns = (layers,) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
-    opts = {**entry.options, **parse_options([method], options or {})}
-    cfg = AdaptConfig(n, seed, float(prior), part, patterns, first, last, float(momentum), batch_size, device, opts)
+    cfg = AdaptConfig(n=n, seed=seed, part=part, layers=patterns, first=first, last=last, batch_size=batch_size)
+    cfg = replace(cfg, device=device, options=opts, reducer=reducer)
     selected = select_layers(found, patterns, first, last)
     target = None
-    if entry.images == "required" and images is None:
+    if spec.images == "required" and images is None:
         raise ValueError(f"expected target images for method {method!r}, got none")
-    if entry.images != "unused" and images is not None:
+    if spec.images != "unused" and images is not None:
         target = _target(images, cfg)
         if isinstance(target, torch.Tensor):
             check_batch_for_layers(model, target.shape[0], selected)
     out = model if inplace else copy.deepcopy(model)
-    out = entry.fn(out, target, cfg, selected)
+    out = spec.fn(out, target, cfg, selected)
     return out.eval()
-
-
-@register_method("source", images="unused")
-def _source(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    return model
-
-
-def _estimate(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> tuple[BNStats, BNStats]:
-    source = BNStats.from_model(model, layers)
-    target = estimate_stats(model, images, layers, cfg.batch_size, cfg.device)
-    return source, target
-
-
-@register_method("replace")
-def _replace(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    source, target = _estimate(model, images, cfg, layers)
-    mix_stats(source, target, 1.0, cfg.part).apply_to(model)
-    return model
-
-
-PRIOR_ORDERS = ("independent", "sequential")
-
-
-def _check_prior(options: dict) -> None:
-    if options["order"] not in PRIOR_ORDERS:
-        raise ValueError(
-            f"expected prior's option order to be one of {', '.join(PRIOR_ORDERS)}, got {options['order']!r}"
-        )
-
-
-@register_method("prior", options={"order": "independent"}, check=_check_prior)
-def _prior(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    if cfg.options["order"] == "sequential":
-        from .shrink import prior_in_order
-
-        return prior_in_order(model, images, cfg, layers)
-    source, target = _estimate(model, images, cfg, layers)
-    # Schneider et al. count n in images, not in the values per channel a layer sees.
-    n = int(target.metadata["images"])
-    mix_stats(source, target, n / (cfg.prior + n), cfg.part).apply_to(model)
-    return model
-
-
-def use_batch_stats(model: nn.Module, layers: Iterable[str], part: str = "both", method: str = "test-batch") -> None:
-    """Make the BN layers ``layers`` of ``model`` normalise every batch with its own statistics, in place.
-
-    Shared by ``test-batch`` and ``tent``; ``part`` and ``method`` are checked and named in the error.
-    """
-    if part != "both":
-        raise ValueError(f"expected part='both' for {method}: a batch's own statistics replace both mean and variance")
-    found = dict(bn_layers(model))
-    for name in layers:
-        layer = found[name]
-        # Without running buffers BatchNorm always normalises with the batch's statistics, even after .eval().
-        layer.track_running_stats = False
-        layer.running_mean = None
-        layer.running_var = None
-        layer.num_batches_tracked = None
-
-
-@register_method("test-batch", images="unused", online=True)
-def _test_batch(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    use_batch_stats(model, layers, cfg.part, "test-batch")
-    return model
-
-
-@register_method("ema", images="optional", online=True)
-def _ema(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    found = dict(bn_layers(model))
-    for name in layers:
-        found[name].register_forward_pre_hook(_EMAUpdate(cfg.momentum, cfg.part))
-    if images is not None:
-        device = cfg.device or next(model.parameters()).device
-        with torch.no_grad():
-            model.eval()
-            for x in iter_batches(images, cfg.batch_size):
-                model(x.to(device))
-    return model
-
-
-class _EMAUpdate:
-    """Forward pre-hook: move a BN layer's running statistics towards the incoming batch's before it normalises it."""
-
-    def __init__(self, momentum: float, part: str) -> None:
-        self.momentum = momentum
-        self.part = part
-
-    @torch.no_grad()
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        dims = [0] + list(range(2, x.ndim))
-        count = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x, dim=dims, correction=1 if count > 1 else 0)
-        m = self.momentum
-        if self.part in ("both", "mean"):
-            module.running_mean.mul_(1 - m).add_(mean.to(module.running_mean.dtype), alpha=m)
-        if self.part in ("both", "var") and count > 1:
-            module.running_var.mul_(1 - m).add_(var.to(module.running_var.dtype), alpha=m)

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
+from ._version import __version__
 from .adapt import sample_indices
-from .bn import BNStats, bn_layers, check_layer_values, estimate_stats, iter_batches
+from .bn import BNStats, bn_layers, check_layer_values, estimate_stats, image_moments, iter_batches, model_device
 from .data import CLEAN, BenchData, spread_indices, to_float_nchw
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class _SignatureHook:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not self.probe.active:
             return
-        self.probe.parts.append(_image_moments(args[0]))
+        self.probe.parts.append(signature_moments(args[0]))
         if self.last:
             raise _StopProbe
 
@@ -93,13 +94,17 @@ class SignatureProbe:
         return torch.cat(self.parts, 1)
 
 
-def _image_moments(x: torch.Tensor) -> torch.Tensor:
-    """Per image: each channel's spatial mean and log-std (inputs without spatial extent: the values themselves)."""
-    x = x.detach().float()
+def signature_moments(x: torch.Tensor) -> torch.Tensor:
+    """Per image: each channel's spatial mean and log-std (inputs without spatial extent: the values themselves).
+
+    Example:
+        >>> signature_moments(torch.ones(2, 3, 4, 4)).shape  # 3 means and 3 log-stds per image
+        torch.Size([2, 6])
+    """
     if x.ndim <= 2:
-        return x.reshape(x.shape[0], -1)
-    var, mean = torch.var_mean(x.flatten(2), dim=2, correction=0)
-    return torch.cat([mean, 0.5 * torch.log(var + _EPS)], 1)
+        return x.detach().float().reshape(x.shape[0], -1)
+    mean, var, _ = image_moments(x)
+    return torch.cat([mean.float(), 0.5 * torch.log(var.float() + _EPS)], 1)
 
 
 @torch.no_grad()
@@ -124,9 +129,7 @@ def image_signatures(
     missing = [n for n in names if n not in found]
     if missing or not names:
         raise ValueError(f"expected BN layer names of the model for the signature, got {missing or 'none'}")
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = model_device(model, device)
     probe = SignatureProbe()
     handles = probe.attach([found[n] for n in names])
     modes = {m: m.training for m in model.modules()}
@@ -219,8 +222,13 @@ class Bank:
             tensors[f"{c}/{_SIG}/mean"] = self.signature_mean[c].float().contiguous()
             tensors[f"{c}/{_SIG}/std"] = self.signature_std[c].float().contiguous()
         tensors[_COV] = self.covariance.float().contiguous()
-        head = {"conditions": self.conditions, "layers": self.layers, "signature_layers": self.signature_layers,
-                "thresholds": self.thresholds, "info": self.info}  # fmt: skip
+        head = {
+            "conditions": self.conditions,
+            "layers": self.layers,
+            "signature_layers": self.signature_layers,
+            "thresholds": self.thresholds,
+            "info": self.info,
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": _FORMAT, "bank": json.dumps(head)})
 
@@ -357,16 +365,48 @@ def build_bank(
         >>> bank.signature_layers, tuple(bank.signature_mean["bright"].shape)
         (['1', '3'], (16,))
     """
-    from . import __version__
-
     layers = [name for name, _ in bn_layers(model)]
+    k_signature = _check_build(layers, conditions, n, k_signature, quantile)
+    names = list(conditions)
+    sig_layers = layers[:k_signature]
+    stats: dict[str, BNStats] = {}
+    sig_mean: dict[str, torch.Tensor] = {}
+    sig_std: dict[str, torch.Tensor] = {}
+    centred, held_out = [], []
+    for i, name in enumerate(names):
+        stats[name], sig, held = _condition_entry(
+            model, name, conditions[name], n, seed, sig_layers, batch_size, device
+        )
+        sig_mean[name], sig_std[name] = sig.mean(0), sig.std(0)
+        centred.append(sig - sig_mean[name])
+        held_out.append(sig if held is None else held)
+        log.info("bank: %s (%d of %d)", name, i + 1, len(names))
+        if progress is not None:
+            progress(i + 1, len(names), name)
+    within = torch.cat(centred).double()
+    covariance = within.T @ within / (len(within) - len(names))
+    covariance = ((covariance + covariance.T) / 2).float()  # exactly symmetric, as loading checks
+    thresholds = _thresholds(names, held_out, sig_mean, sig_std, covariance, quantile)
+    meta = {
+        "n": n,
+        "seed": seed,
+        "k_signature": k_signature,
+        "quantile": quantile,
+        "bnadapt_version": __version__,
+        "model": type(model).__name__,
+        **(info or {}),
+    }
+    return Bank(stats, sig_mean, sig_std, sig_layers, covariance, thresholds, meta)
+
+
+def _check_build(layers: list[str], conditions: Mapping[str, Any], n, k_signature, quantile: float) -> int:
+    """Refuse bad build arguments; return k_signature capped at the number of BN layers."""
     if not layers:
         raise ValueError("expected a model with BatchNorm layers (with running statistics), got none to build from")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"expected n >= 2 images per condition (a spread needs two), got {n!r}")
     if isinstance(k_signature, bool) or not isinstance(k_signature, int) or k_signature < 1:
         raise ValueError(f"expected k_signature >= 1 BN layers for the signature, got {k_signature!r}")
-    k_signature = min(k_signature, len(layers))  # a model with fewer BN layers: all of them
     if not 0 < quantile <= 1:
         raise ValueError(f"expected a quantile in (0, 1] for the fallback threshold, got {quantile}")
     names = list(conditions)
@@ -375,44 +415,37 @@ def build_bank(
         raise ValueError(f"expected condition names without '/', a leading '#' or surrounding spaces, got {bad[0]!r}")
     if CLEAN not in names:
         raise ValueError(f"expected a {CLEAN!r} condition (clean images, for the source fallback), got {names[:5]}")
-    sig_layers = layers[:k_signature]
-    stats: dict[str, BNStats] = {}
-    sig_mean: dict[str, torch.Tensor] = {}
-    sig_std: dict[str, torch.Tensor] = {}
-    centred, held_out = [], []
-    for i, name in enumerate(names):
-        x = to_float_nchw(conditions[name])
-        if len(x) < n:
-            raise ValueError(f"expected at least n={n} images of condition {name!r}, got {len(x)}; lower n")
-        drawn = sample_indices(len(x), n, seed)
-        xs = x[torch.from_numpy(drawn)]
-        own = name == CLEAN  # the source statistics: better than any estimate from n clean images
-        stats[name] = BNStats.from_model(model) if own else estimate_stats(model, xs, None, batch_size, device)
-        sig = image_signatures(model, xs, sig_layers, batch_size, device)
-        sig_mean[name], sig_std[name] = sig.mean(0), sig.std(0)
-        centred.append(sig - sig_mean[name])
-        # The thresholds must hold for images the entry never saw, so they are measured on others where there are any.
-        rest = np.setdiff1d(np.arange(len(x)), drawn)
-        if len(rest):
-            sig = image_signatures(model, x[torch.from_numpy(rest[spread_indices(len(rest), n)])], sig_layers,
-                                   batch_size, device)  # fmt: skip
-        held_out.append(sig)
-        log.info("bank: %s (%d of %d)", name, i + 1, len(names))
-        if progress is not None:
-            progress(i + 1, len(names), name)
-    within = torch.cat(centred).double()
-    covariance = within.T @ within / (len(within) - len(names))
-    covariance = ((covariance + covariance.T) / 2).float()  # exactly symmetric, as loading checks
+    return min(k_signature, len(layers))  # a model with fewer BN layers: all of them
+
+
+def _condition_entry(model: nn.Module, name: str, images, n: int, seed: int, sig_layers: list[str], batch_size, device):
+    """One condition's statistics, the signatures of its n drawn images, and those of up to n others (None when the
+    condition has no others)."""
+    x = to_float_nchw(images)
+    if len(x) < n:
+        raise ValueError(f"expected at least n={n} images of condition {name!r}, got {len(x)}; lower n")
+    drawn = sample_indices(len(x), n, seed)
+    xs = x[torch.from_numpy(drawn)]
+    own = name == CLEAN  # the source statistics: better than any estimate from n clean images
+    stats = BNStats.from_model(model) if own else estimate_stats(model, xs, None, batch_size, device)
+    sig = image_signatures(model, xs, sig_layers, batch_size, device)
+    # The thresholds must hold for images the entry never saw, so they are measured on others where there are any.
+    rest = np.setdiff1d(np.arange(len(x)), drawn)
+    if not len(rest):
+        return stats, sig, None
+    others = x[torch.from_numpy(rest[spread_indices(len(rest), n)])]
+    return stats, sig, image_signatures(model, others, sig_layers, batch_size, device)
+
+
+def _thresholds(names, held_out, sig_mean, sig_std, covariance: torch.Tensor, quantile: float) -> dict[str, float]:
+    """Per way of scoring, the ``quantile`` of the held-out signatures' normalised distances to their own entry."""
     whiten = whitener(covariance)
     distances: dict[str, list[torch.Tensor]] = {"pooled": [], "diagonal": []}
     for name, sig in zip(names, held_out, strict=True):
         mean = sig_mean[name][None]
         distances["diagonal"].append(gaussian_scores(sig, mean, sig_std[name][None])[1][:, 0])
         distances["pooled"].append(gaussian_scores(sig @ whiten.T, mean @ whiten.T, torch.ones_like(mean))[1][:, 0])
-    thresholds = {k: float(torch.quantile(torch.cat(v).double(), quantile)) for k, v in distances.items()}
-    meta = {"n": n, "seed": seed, "k_signature": k_signature, "quantile": quantile, "bnadapt_version": __version__,
-            "model": type(model).__name__, **(info or {})}  # fmt: skip
-    return Bank(stats, sig_mean, sig_std, sig_layers, covariance, thresholds, meta)
+    return {k: float(torch.quantile(torch.cat(v).double(), quantile)) for k, v in distances.items()}
 
 
 class _CellImages(Mapping[str, np.ndarray]):
@@ -462,7 +495,11 @@ def build_bank_from_data(
             f"expected clean images in the data for the bank's source entry, got only corrupted cells of "
             f"{data.spec}; pass --clean with a clean .npz or class folder"
         )
-    info = {"model": model_name or type(model).__name__, "data": str(data.spec), "corrupt_seed": data.seed,
-            "limit_per_cell": data.limit}  # fmt: skip
-    return build_bank(model, _CellImages(data, n, seed), n, seed, k_signature, batch_size, device, info=info,
-                      progress=progress)  # fmt: skip
+    info = {
+        "model": model_name or type(model).__name__,
+        "data": str(data.spec),
+        "corrupt_seed": data.seed,
+        "limit_per_cell": data.limit,
+    }
+    images = _CellImages(data, n, seed)
+    return build_bank(model, images, n, seed, k_signature, batch_size, device, info=info, progress=progress)

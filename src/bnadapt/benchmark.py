@@ -25,9 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapt import adapt, is_online, method_names, method_options, method_uses_images, parse_options, sample_indices
+from ._version import __version__
+from .adapt import (
+    adapt,
+    is_online,
+    method_names,
+    method_options,
+    method_uses_images,
+    option_default,
+    parse_options,
+    resolve_aliases,
+    sample_indices,
+)
 from .data import BenchData, Cell, ImageSet, iter_batches_of
 from .distributed import Dist, check_shardable
+from .methods import reset
 from .metrics import Accuracy
 from .results import Journal, read_results
 
@@ -44,8 +56,12 @@ class BenchConfig:
     """What to run: methods, sample sizes ``ns``, adaptation ``seeds``, and how (batch, workers, device, precision).
 
     ``adapt_on``: ``"corruption:severity"`` (or ``"clean"``) to adapt on that one cell and evaluate on every cell.
-    ``prior``/``part``/``first``/``last`` are passed to :func:`bnadapt.adapt`; ``options`` are the methods' own
-    options (each method gets those it declares).
+    ``part``/``first``/``last`` are passed to :func:`bnadapt.adapt`; ``options`` are the methods' own options (each
+    method gets those it declares); ``prior`` is an alias of option ``prior`` (None: the method's default).
+
+    Example:
+        >>> BenchConfig(methods=("prior",), prior=8).options_for("prior")
+        {'prior': 8.0}
     """
 
     methods: tuple[str, ...] = ("source", "replace")
@@ -56,7 +72,7 @@ class BenchConfig:
     device: str = "cpu"
     amp: bool | str = False  # False, "bf16", "fp16", or True: bf16 on CPU, fp16 on CUDA
     channels_last: bool = False
-    prior: float = 16.0
+    prior: float | None = None
     part: str = "both"
     adapt_on: str | None = None
     extra: dict = field(default_factory=dict)  # recorded in the header (e.g. the --clean set)
@@ -79,7 +95,7 @@ class BenchConfig:
             raise ValueError(f"expected --amp bf16 or fp16, got {self.amp!r}")
         if self.batch_size < 1 or self.jobs < 0:
             raise ValueError(f"expected -b >= 1 and -j >= 0, got -b {self.batch_size} -j {self.jobs}")
-        if not self.prior >= 0:  # also refuses NaN
+        if self.prior is not None and not self.prior >= 0:  # also refuses NaN
             raise ValueError(f"expected a prior strength --prior >= 0, got {self.prior}")
         if self.adapt_on is not None:
             parse_cell(self.adapt_on)
@@ -88,6 +104,13 @@ class BenchConfig:
         if any(k is not None and k < 1 for k in (self.first, self.last)):
             raise ValueError(f"expected --first/--last K >= 1, got {self.first or self.last}")
         parse_options(self.methods, self.options)
+        for m in self.methods:
+            self.options_for(m)
+
+    def options_for(self, method: str) -> dict:
+        """The options ``method`` gets: those of ``options`` it declares, with the ``prior`` alias filled in."""
+        declared = method_options(method)
+        return resolve_aliases(method, {k: v for k, v in self.options.items() if k in declared}, prior=self.prior)
 
 
 Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
@@ -120,10 +143,12 @@ def parse_cell(text: str) -> Cell:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
-    return {"bnadapt": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__}  # fmt: skip
+    return {
+        "bnadapt": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _device_name(device: torch.device) -> str:
@@ -134,12 +159,24 @@ def _device_name(device: torch.device) -> str:
 
 def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, command, device) -> dict:
     prep = {name: getattr(m, "preprocessing", None) for name, m in models.items()}
-    fingerprint = {"models": prep, "data": str(data.spec), "corrupt_seed": data.seed, "prior": config.prior,
-                   "part": config.part, "adapt_on": config.adapt_on, "amp": config.amp, **config.extra}  # fmt: skip
+    options = parse_options(config.methods, config.options)
+    # --prior was a setting of its own before it became prior's option: it stays a top-level entry (default
+    # included), however it was given, so that results of earlier versions stay resumable.
+    prior = options.pop("prior", option_default("prior") if config.prior is None else config.prior)
+    fingerprint = {
+        "models": prep,
+        "data": str(data.spec),
+        "corrupt_seed": data.seed,
+        "prior": prior,
+        "part": config.part,
+        "adapt_on": config.adapt_on,
+        "amp": config.amp,
+        **config.extra,
+    }
     # Only when set, so that results of earlier versions stay resumable.
     fingerprint.update({k: v for k, v in (("first", config.first), ("last", config.last)) if v is not None})
-    if config.options:
-        fingerprint["options"] = dict(sorted(parse_options(config.methods, config.options).items()))
+    if options:
+        fingerprint["options"] = dict(sorted(options.items()))
     return {
         "command": list(command) if command is not None else None,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -275,34 +312,31 @@ def run_benchmark(
     except Exception as e:
         dist.gathered(e, None)
         raise
-    dist.gathered(None, {"models": list(models), "cells": list(data.cells), "fingerprint": header["fingerprint"],
-                         "config": {k: v for k, v in asdict(config).items() if k not in ("device", "jobs")},
-                         "shard_cells": dist.shard_cells, "resume": resume, "force": force})  # fmt: skip
+    settings = {
+        "models": list(models),
+        "cells": list(data.cells),
+        "fingerprint": header["fingerprint"],
+        "config": {k: v for k, v in asdict(config).items() if k not in ("device", "jobs")},
+        "shard_cells": dist.shard_cells,
+        "resume": resume,
+        "force": force,
+    }
+    dist.gathered(None, settings)
 
     def open_journal() -> Journal | None:
         return Journal(out, header, resume=resume, force=force) if out is not None else None
 
     journal, done = dist.on_rank0(open_journal, lambda j: j.done if j is not None else set())
-    plan = []
-    for name in models:
-        for cell in data.cells:
-            need = [v for v in todo_variants if (name, *v, *cell) not in done]
-            if need:
-                plan.append((name, cell, need))
-    if journal is not None and len(plan) < len(models) * len(data.cells):
-        log.info("resuming: %d of %d cells already finished", len(models) * len(data.cells) - len(plan),
-                 len(models) * len(data.cells))  # fmt: skip
+    plan = _plan(models, data.cells, todo_variants, done)
     try:
         rows: list[dict] = []
-        cells = _cells(models, data, dist.mine(plan), config, ev, adapt_cell, dist.shard())
+        cells = _cells(models, dist.mine(plan), _Run(data, config, ev, adapt_cell, dist.shard()))
         for finished, (name, cell, cell_rows) in enumerate(dist.exchange(cells, len(plan)), start=1):
             if journal is not None:
                 journal.append(cell_rows)
             rows.extend(cell_rows)
             if progress is not None:
-                accs = {f"{r['method']}" + (f"@{r['n']}" if len(config.ns) > 1 and r["n"] else ""): r["accuracy"]
-                        for r in cell_rows}  # fmt: skip
-                progress(finished, len(plan), f"{name} {cell}", accs)
+                progress(finished, len(plan), f"{name} {cell}", _accuracies(cell_rows, several_n=len(config.ns) > 1))
     finally:
         if journal is not None:
             journal.close()
@@ -311,84 +345,127 @@ def run_benchmark(
     return rows
 
 
-def _adapted(model, variant: Variant, source: ImageSet, config: BenchConfig, ev: _Evaluator, shard=None, samples=None):
-    """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with ``shard``: from this rank's
+def _plan(models: Mapping[str, nn.Module], cells: list[Cell], todo: list[Variant], done: set) -> list:
+    """(model name, cell, variants still to run) for every cell with something left (``done``: finished rows)."""
+    plan = []
+    for name in models:
+        for cell in cells:
+            need = [v for v in todo if (name, *v, *cell) not in done]
+            if need:
+                plan.append((name, cell, need))
+    total = len(models) * len(cells)
+    if done and len(plan) < total:
+        log.info("resuming: %d of %d cells already finished", total - len(plan), total)
+    return plan
+
+
+def _accuracies(cell_rows: list[dict], several_n: bool) -> dict[str, float]:
+    """Accuracy per method of one cell's rows, keyed ``method`` (``method@n`` when several n run), for progress."""
+    return {r["method"] + (f"@{r['n']}" if several_n and r["n"] else ""): r["accuracy"] for r in cell_rows}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every cell of a run shares: the data, the settings, the evaluator, the adaptation cell and the shard."""
+
+    data: BenchData
+    config: BenchConfig
+    ev: _Evaluator
+    adapt_cell: Cell | None
+    shard: object = None  # distributed._Shard: this rank's part of each cell and sample, with --shard-cells
+
+
+def _adapted(model, variant: Variant, source: ImageSet, run: _Run, samples: dict | None = None):
+    """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with a shard: from this rank's
     part of the sample, its statistics combined with the other ranks')."""
     method, n, seed = variant
-    device = ev.device
+    device = run.ev.device
     t0 = time.perf_counter()
     images = None
-    combined: contextlib.AbstractContextManager = contextlib.nullcontext()
+    options = run.config.options_for(method)
+    reducer = None
     if method_uses_images(method):
         indices = sample_indices(len(source), n, seed)
-        if shard is not None:
-            indices, combined = shard.adaptation(method, indices)
+        if run.shard is not None:
+            indices, reducer = run.shard.adaptation(method, options, indices)
         # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes;
         # methods drawing with the same seed share the load (``samples``: this cell's loaded samples).
         samples = {} if samples is None else samples
         key = (id(source), tuple(indices.tolist()))
         if key not in samples:
-            samples[key] = ev.inputs(source.load(indices, device, ev.on_device))
+            samples[key] = run.ev.inputs(source.load(indices, device, run.ev.on_device))
         images = samples[key]
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
-    options = {k: v for k, v in config.options.items() if k in method_options(method)}
-    with combined:
-        out = adapt(model, images, method=method, seed=seed, prior=config.prior, part=config.part,
-                    first=config.first, last=config.last, batch_size=max(1, n), device=device,
-                    options=options)  # fmt: skip
+    out = adapt(
+        model,
+        images,
+        method=method,
+        seed=seed,
+        part=run.config.part,
+        first=run.config.first,
+        last=run.config.last,
+        batch_size=max(1, n),
+        device=device,
+        options=options,
+        reducer=reducer,
+    )
     return out, time.perf_counter() - t0
 
 
-def _cells(models: Mapping[str, nn.Module], data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell,
-           shard):  # fmt: skip
+def _cells(models: Mapping[str, nn.Module], plan, run: _Run):
     """Yield (model name, cell, rows) for each planned (model, cell, variants) item, model by model."""
     for name, model in models.items():
         mine = [(cell, need) for m, cell, need in plan if m == name]
         adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
-        for cell, cell_rows in _run_model(name, model, data, mine, config, ev, adapt_cell, adapted_once, shard):
+        for cell, cell_rows in _run_model(name, model, mine, run, adapted_once):
             yield name, cell, cell_rows
 
 
-def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Evaluator, adapt_cell, adapted_once,
-               shard=None):  # fmt: skip
-    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once (with ``shard``:
+def _cell_models(model, k: int, variants_: list[Variant], sets: list[ImageSet], run: _Run, adapted_once) -> list:
+    """Per variant of cell ``k``: [variant, adapted model, Accuracy, seconds so far]."""
+    state = []
+    samples: dict = {}
+    for variant in variants_:
+        if run.adapt_cell is None:
+            m, secs = _adapted(model, variant, sets[k], run, samples)
+        else:
+            if variant not in adapted_once:
+                adapted_once[variant] = _adapted(model, variant, run.data.cell(*run.adapt_cell), run)
+            m, secs = adapted_once[variant]
+            adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
+            # Online methods keep changing while they run: each cell starts from the state adapt() returned.
+            if is_online(variant[0]):
+                reset(m)
+        state.append([variant, m, Accuracy(), secs])
+    return state
+
+
+def _rows(name: str, cell: Cell, state: list, adapt_on: str | None) -> list[dict]:
+    out = []
+    for (method, n, seed), _, acc, secs in state:
+        row = {"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0], "severity": cell[1]}
+        row.update(correct=acc.correct, total=acc.total, accuracy=acc.compute(), seconds=round(secs, 4))
+        out.append({**row, "adapt_on": adapt_on})
+    return out
+
+
+def _run_model(name, model, plan, run: _Run, adapted_once):
+    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once (with a shard:
     this rank's block of each cell's images)."""
     if not plan:
         return
-    sets = [data.cell(*cell) for cell, _ in plan]
-    shown = sets if shard is None else [shard.evaluated(s) for s in sets]
+    ev, config = run.ev, run.config
+    sets = [run.data.cell(*cell) for cell, _ in plan]
+    shown = sets if run.shard is None else [run.shard.evaluated(s) for s in sets]
     pin = ev.device.type == "cuda"
     current = -1
     state: list[list] = []  # per variant: [variant, model, Accuracy, seconds]
-
-    def finish(k: int) -> tuple[Cell, list[dict]]:
-        cell = plan[k][0]
-        out = []
-        for variant, _, acc, secs in state:
-            method, n, seed = variant
-            out.append({"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0],
-                        "severity": cell[1], "correct": acc.correct, "total": acc.total,
-                        "accuracy": acc.compute(), "seconds": round(secs, 4), "adapt_on": config.adapt_on})  # fmt: skip
-        return cell, out
-
     for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
         if k != current:
             if current >= 0:
-                yield finish(current)
+                yield plan[current][0], _rows(name, plan[current][0], state, config.adapt_on)
             current = k
-            state = []
-            samples: dict = {}
-            for variant in plan[k][1]:
-                if adapt_cell is None:
-                    m, secs = _adapted(model, variant, sets[k], config, ev, shard, samples)
-                else:
-                    if variant not in adapted_once:
-                        adapted_once[variant] = _adapted(model, variant, data.cell(*adapt_cell), config, ev, shard)
-                    m, secs = adapted_once[variant]
-                    adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
-                    # Online methods keep changing while they run: each cell starts from the same adapted state.
-                    m = copy.deepcopy(m) if is_online(variant[0]) else m
-                state.append([variant, m, Accuracy(), secs])
+            state = _cell_models(model, k, plan[k][1], sets, run, adapted_once)
         x = ev.inputs(xb)
         y = yb.to(ev.device, non_blocking=True)
         for entry in state:
@@ -396,7 +473,7 @@ def _run_model(name, model, data: BenchData, plan, config: BenchConfig, ev: _Eva
             entry[2].update(ev(entry[1], x), y)
             entry[3] += time.perf_counter() - t0
     if current >= 0:
-        yield finish(current)
+        yield plan[current][0], _rows(name, plan[current][0], state, config.adapt_on)
     fallbacks = sum(s.cpu_fallbacks() for s in sets)
     if fallbacks:
         log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)

@@ -6,9 +6,10 @@ Two ways to split the work (``Dist.shard_cells``):
   finished rows to rank 0, which alone writes ``results.jsonl`` (one fsynced append per cell, in plan order).
 - ``--shard-cells``: every rank runs every cell on its contiguous block of the cell's images; the correct/total
   counts of each row are summed on rank 0. The n adaptation images (the same seeded draw on every rank) are split
-  over the ranks too, for the methods whose statistics come from :func:`bnadapt.bn.estimate_stats` (``replace``,
-  ``prior``): each BN layer normalises and is measured with the moments of all parts, summed in float64 across ranks
-  during the forward (:func:`bnadapt.bn.combined_batches`), so deeper layers see what one process would. Other
+  over the ranks too, for the methods whose statistics come from one :func:`bnadapt.bn.estimate_stats` (their
+  :class:`bnadapt.adapt.MethodSpec` says ``shardable``: ``replace``, ``prior`` with ``order=independent``): each BN
+  layer normalises and is measured with the moments of all parts, summed in float64 across ranks during the forward
+  (the reducer passed to :func:`bnadapt.adapt`), so deeper layers see what one process would. Other
   offline methods adapt on the whole sample on every rank (identical by construction); online methods depend on
   which images share a batch and are refused.
 
@@ -18,7 +19,6 @@ others in the next exchange, and they stop after rank 0 has written every finish
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -32,18 +32,16 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .adapt import is_online
-from .bn import combined_batches
+from .adapt import is_online, method_spec
+from .bn import BatchReducer
 from .data import ImageSet, IndexedImages
 from .errors import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TIMEOUT", "SHARDED_ESTIMATOR", "Dist", "RankFailure", "check_shardable", "init_from_env"]
+__all__ = ["DEFAULT_TIMEOUT", "Dist", "RankFailure", "check_shardable", "init_from_env"]
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for the others at an exchange (the slowest cell of a round)
-# Methods whose adaptation is exactly one estimate_stats() over the sample: their sample can be split over ranks.
-SHARDED_ESTIMATOR = frozenset({"replace", "prior"})
 _FAIL_ENV = "BNADAPT_TEST_FAIL_RANK"  # tests only: "K" makes rank K raise after its first cell, "K:exit" exit hard
 
 
@@ -249,12 +247,14 @@ class _Shard:
             )
         return IndexedImages(images, self._block(len(images)))
 
-    def adaptation(self, method: str, indices: np.ndarray) -> tuple[np.ndarray, contextlib.AbstractContextManager]:
-        """This rank's part of a drawn sample and the context to adapt in: split when the method is one estimate and
-        every rank gets at least 2 images (a layer needs 2 values per channel); otherwise the whole sample."""
-        if method not in SHARDED_ESTIMATOR or len(indices) < 2 * self.world:
-            return indices, contextlib.nullcontext()
-        return indices[self._block(len(indices))], combined_batches(_AllReduce())
+    def adaptation(self, method: str, options: dict, indices: np.ndarray) -> tuple[np.ndarray, BatchReducer | None]:
+        """This rank's part of a drawn sample and the reducer to adapt with: split when the method is one estimate
+        with these options (its spec's ``shardable``) and every rank gets at least 2 images (a layer needs 2 values
+        per channel); otherwise the whole sample and no reducer."""
+        spec = method_spec(method)
+        if not spec.can_shard({**spec.options, **options}) or len(indices) < 2 * self.world:
+            return indices, None
+        return indices[self._block(len(indices))], _AllReduce()
 
 
 class _AllReduce:
@@ -321,8 +321,7 @@ def init_from_env(device: str, timeout: float = DEFAULT_TIMEOUT, shard_cells: bo
         torch.cuda.set_device(dev)
         backend = "nccl"
     try:
-        tdist.init_process_group(backend, rank=rank, world_size=world,
-                                 timeout=datetime.timedelta(seconds=timeout))  # fmt: skip
+        tdist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:
         raise ValueError(
             f"expected to join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} as rank {rank} of "
