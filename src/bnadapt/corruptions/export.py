@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_path
-from ..data import list_image_files, read_images
+from ..data import list_image_files, read_images, resize_crop
 from . import GROUPS, corrupt
 
 log = logging.getLogger(__name__)
 
+# resize_crop lives in bnadapt.data (the readers resize too) and is still importable from here.
 __all__ = ["ExportPlan", "export_corrupted", "resize_crop"]
 
 FORMATS = ("cifar-c", "imagenet-c")
@@ -59,27 +60,6 @@ class ExportPlan:
             raise ValueError(f"expected severities in 1..5, got {list(self.severities)}")
         if self.seed < 0:
             raise ValueError(f"expected a non-negative seed, got {self.seed}")
-
-
-def resize_crop(image, resize: int = 256, crop: int = 224, resample: str = "bilinear"):
-    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear, or ``resample`` = "bicubic"),
-    as ImageNet-C was made.
-
-    Example:
-        >>> from PIL import Image
-        >>> resize_crop(Image.new("RGB", (500, 375))).size
-        (224, 224)
-    """
-    from PIL import Image
-
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
-    w, h = image.size
-    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
-    return image.crop((left, top, left + crop, top + crop))
 
 
 def _write_manifest(out: Path, plan: ExportPlan, force: bool) -> None:
