@@ -123,8 +123,8 @@ def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[in
     # dataset size (only an .npz source is held whole, as numpy reads it).
     step = max(_CHUNK, _BLOCK_BYTES // first.nbytes)
     starts = range(0, n, step)
-    tasks = [(c, s, a, min(a + step, n), plan.profile, plan.seed)
-             for c in todo for s in plan.severities for a in starts]  # fmt: skip
+    cells = [(c, s) for c in todo for s in plan.severities]
+    tasks = [(c, s, a, min(a + step, n), plan.profile, plan.seed) for c, s in cells for a in starts]
     # One pool for every file, its results consumed in order: the workers never idle between corruptions.
     with contextlib.closing(_run(_cifar_block, tasks, jobs, initializer=_set_source, initargs=(source,))) as blocks:
         for name in todo:
@@ -287,8 +287,8 @@ def export_corrupted(
         ['contrast.npy']
     """
     names = tuple(corruptions) if corruptions is not None else tuple(GROUPS["all"])
-    plan = ExportPlan(str(source), str(out), format, profile, names, tuple(int(s) for s in severities), int(seed),
-                      resize, skip_bad)  # fmt: skip
+    levels = tuple(int(s) for s in severities)
+    plan = ExportPlan(str(source), str(out), format, profile, names, levels, int(seed), resize, skip_bad)
     plan.validate()
     if profile not in ("cifar", "imagenet"):
         raise ValueError(f"expected profile to be one of cifar, imagenet, got {profile!r}")

@@ -119,8 +119,13 @@ class FileImages(ImageSet):
                     images.append(_decode_jpegs(data, device))
                 except RuntimeError as e:
                     self._fallbacks += 1
-                    log.warning("decoding %s on the CPU: the %s decoder refused it (%s)", self.files[int(i)],
-                                device.type, str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    log.warning(
+                        "decoding %s on the CPU: the %s decoder refused it (%s)",
+                        self.files[int(i)],
+                        device.type,
+                        reason,
+                    )
                     im = decode_image(self.files[int(i)], prepare=self.prepare)
                     images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).to(device))
         images = [im.permute(1, 2, 0) for im in images]  # (H, W, C) views, as get() returns them
@@ -182,8 +187,9 @@ class CorruptedImages(ImageSet):
         from ..corruptions import corrupt
 
         x = self.base.finish(staged.data, indices, device).contiguous()
-        x = corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist(),
-                    backend="torch")  # fmt: skip
+        x = corrupt(
+            x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist(), backend="torch"
+        )
         if self.jpeg_quality is not None:  # Pillow's encoder defines the released files: a CPU round trip
             x = torch.from_numpy(jpeg_roundtrip(x.cpu().numpy(), self.jpeg_quality)).to(device)
         return x
@@ -306,8 +312,9 @@ def _list_file(path: Path, prepare: str | None) -> FileImages:
         raise ValueError(f"expected at least one '<image path>, <label>' line in {path}, found none")
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"expected the {len(files)} images listed in {path}, but {len(missing)} are missing "
-                                f"(first: {missing[0]})")  # fmt: skip
+        raise FileNotFoundError(
+            f"expected the {len(files)} images listed in {path}, but {len(missing)} are missing (first: {missing[0]})"
+        )
     return FileImages(files, np.array(labels, np.int64), name=str(path.parent), prepare=prepare)
 
 
