@@ -371,7 +371,12 @@ _PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2
 @lru_cache(maxsize=64)
 def pil_box_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) fixed-point coefficients of Pillow's BOX resize along one axis, as Resample.c's precompute_coeffs
-    and normalize_coeffs_8bpc compute them (float64, then rounded to 22 fractional bits)."""
+    and normalize_coeffs_8bpc compute them (float64, then rounded to 22 fractional bits).
+
+    Example:
+        >>> (pil_box_matrix(4, 2) / 2**22).tolist()
+        [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
+    """
     scale = float(in_size) / out_size
     filterscale = max(scale, 1.0)
     support = 0.5 * filterscale  # BOX's support is 0.5
