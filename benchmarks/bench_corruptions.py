@@ -49,7 +49,7 @@ print(json.dumps(out))
 def load_images() -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from bnadapt.corruptions.export import resize_crop
+    from bnadapt.data import resize_crop
 
     cifar = np.load(SHARED / "data" / "cifar10" / "test1000_lossless.npz")["x"]
     files = sorted((SHARED / "data" / "imagenet_val1300" / "images").iterdir())[:50]

@@ -34,7 +34,7 @@ def load_images(n: int, size: int, first: int = 0) -> tuple[np.ndarray, str]:
 
     folder = SHARED / "data" / "imagenet_val1300" / "images"
     if folder.is_dir():
-        from bnadapt.corruptions.export import resize_crop
+        from bnadapt.data import resize_crop
 
         files = sorted(folder.iterdir())[first : first + n]
         ims = [np.asarray(resize_crop(Image.open(f).convert("RGB"), max(size, 256 * size // 224), size)) for f in files]

@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 
 from bnadapt import load_model, to_float_nchw
-from bnadapt.corruptions.export import resize_crop
-from bnadapt.data import open_clean
+from bnadapt.data import open_clean, resize_crop
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/imagenet_val1300"
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import zoom as scizoom
 
-from bnadapt.corruptions import _REGISTRY, corrupt, to_uint8
+from bnadapt.corruptions import REGISTRY as _REGISTRY
+from bnadapt.corruptions import corrupt, to_uint8
 from bnadapt.corruptions._motion import motion_blur_batch, motion_offsets, motion_weights
 from bnadapt.corruptions.blur import clipped_zoom_batch, glass_shuffle_map
 from bnadapt.corruptions.params import TABLES

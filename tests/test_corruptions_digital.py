@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnadapt.corruptions import _REGISTRY, corrupt, to_uint8
+from bnadapt.corruptions import REGISTRY as _REGISTRY
+from bnadapt.corruptions import corrupt, to_uint8
 from bnadapt.corruptions.digital import _hsv_roundtrip, _map_coordinates_reflect, _smooth
 from bnadapt.corruptions.params import TABLES
 from conftest import reference_set, replay

@@ -42,7 +42,7 @@ def test_shape_dtype_determinism_split(name, x, severity, profile, seed):
 
 
 def test_every_name_has_constants_and_an_implementation():
-    from bnadapt.corruptions import _REGISTRY
+    from bnadapt.corruptions import REGISTRY as _REGISTRY
     from bnadapt.corruptions.params import TABLES
 
     assert set(ALL) == set(TABLES["imagenet"]) == set(TABLES["cifar"]) == set(_REGISTRY)

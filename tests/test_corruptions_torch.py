@@ -1,4 +1,5 @@
-"""The torch path (corruptions/torch_path.py) against the numpy engine: same seed, same bytes up to float rounding.
+"""The torch path (the torch variants in the family modules, corruptions/torch_path.py) against the numpy engine:
+same seed, same bytes up to float rounding.
 
 Every torch-path corruption at severities 1, 3 and 5 in both profiles, on 4 images of 64x64 (cifar profile) and 2 of
 224x224 (imagenet profile): synthetic images always, real ImageNet validation images from ../shared when present.
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from bnadapt.corruptions import _REGISTRY, BACKENDS, corrupt, torch_corruption_names
+from bnadapt.corruptions import BACKENDS, corrupt, torch_corruption_names
+from bnadapt.corruptions import REGISTRY as _REGISTRY
 from bnadapt.corruptions import torch_path as tp
+from bnadapt.corruptions.digital import pil_box_matrix
 
 NAMES = torch_corruption_names()
 FALLBACK = ["glass_blur", "elastic_transform", "jpeg_compression", "spatter"]
@@ -37,7 +40,7 @@ def _synthetic(n: int, size: int, seed: int) -> np.ndarray:
 def _real(shared, n: int, size: int, first: int) -> np.ndarray:
     from PIL import Image
 
-    from bnadapt.corruptions.export import resize_crop
+    from bnadapt.data import resize_crop
 
     files = sorted((shared / "data" / "imagenet_val1300" / "images").iterdir())[first : first + n]
     return np.stack([np.asarray(resize_crop(Image.open(f).convert("RGB"), size, size)) for f in files])
@@ -142,7 +145,7 @@ def test_single_grey_image_and_indices(one_thread, name):
 def test_pil_box_matrix_rows_sum_to_one_in_fixed_point():
     # Pillow's normalised coefficients: each output reads a non-empty run of inputs with weights summing to ~2^22.
     for a, b in ((224, 134), (64, 60), (61, 224), (32, 20)):
-        m = tp.pil_box_matrix(a, b)
+        m = pil_box_matrix(a, b)
         assert m.shape == (b, a) and (m.sum(1) > 0).all()
         assert np.abs(m.sum(1) - 2**22).max() <= m.shape[1]
 

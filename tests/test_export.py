@@ -10,7 +10,8 @@ from PIL import Image
 
 from bnadapt import corrupt
 from bnadapt.cli import main
-from bnadapt.corruptions.export import export_corrupted, resize_crop
+from bnadapt.corruptions.export import export_corrupted
+from bnadapt.data import resize_crop
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from bnadapt.corruptions import corrupt
-from bnadapt.corruptions.export import resize_crop
 from bnadapt.data import (
     FileImages,
     center_crop,
@@ -19,6 +18,7 @@ from bnadapt.data import (
     jpeg_roundtrip,
     open_clean,
     open_data,
+    resize_crop,
 )
 from conftest import write_imagenet_c, write_jpeg
 

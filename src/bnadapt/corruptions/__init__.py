@@ -4,23 +4,40 @@
 type, shape and dtype. Each image gets its own random stream derived from ``(seed, corruption, severity, index)``,
 where ``index`` is the image's position in the batch plus ``start`` (or an explicit ``indices``), so an image's output
 never depends on how a dataset is split into batches nor on the global RNG state. CUDA tensors are corrupted on
-their device by torch ops for the 15 corruptions of ``torch_corruption_names()`` (see ``torch_path.py``), with the
-same random numbers; ``backend`` chooses the path explicitly.
+their device by torch ops for the 15 corruptions of ``torch_corruption_names()``, with the same random numbers;
+``backend`` chooses the path explicitly.
+
+This module is the public front. ``registry.py`` holds the registry (one entry per corruption with its numpy and,
+where it has one, torch variant) and the helpers the families share; the family modules (``noise``, ``blur``,
+``weather``, ``digital``, ``snow``) hold both variants of each of their corruptions and fill the registry when
+imported here; ``torch_path.py`` holds what the torch variants share (dispatch, host draws, device transfers).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+# Importing the family modules fills the registry.
+from . import blur, digital, noise, snow, weather  # noqa: F401
 from .params import PROFILES, severity_param
+from .registry import (  # noqa: F401  (re-exported: what families and extensions register with)
+    REGISTRY,
+    Corruption,
+    CorruptionFn,
+    TorchFn,
+    chunks,
+    randint,
+    register,
+    register_torch,
+    to_uint8,
+)
 
 __all__ = ["corrupt", "corruption_names", "torch_corruption_names", "COMMON", "EXTRA", "GROUPS", "BACKENDS"]
 
-# auto: the torch path (corruptions/torch_path.py) for CUDA tensors, numpy otherwise; torch: the torch path on any
+# auto: the torch variants (torch_path.corrupt_tensor) for CUDA tensors, numpy otherwise; torch: the torch path on any
 # device (numpy arrays too); numpy: always the numpy engine. Corruptions without a torch path always run on numpy.
 BACKENDS = ("auto", "numpy", "torch")
 
@@ -39,27 +56,6 @@ GROUPS = {
     "weather": WEATHER,
     "digital": DIGITAL,
 }
-
-# A corruption: fn(images uint8 NHWC, severity parameter, one Generator per image, profile) -> uint8, or float in
-# [0, 1] that the engine clips and truncates to uint8 as the original code does.
-CorruptionFn = Callable[[np.ndarray, object, list, str], np.ndarray]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    fn: CorruptionFn
-    rgb_only: bool  # works on colour (HSV, colour textures): grey images are expanded to RGB and back
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register(name: str, rgb_only: bool = False) -> Callable[[CorruptionFn], CorruptionFn]:
-    def deco(fn: CorruptionFn) -> CorruptionFn:
-        _REGISTRY[name] = _Entry(fn, rgb_only)
-        return fn
-
-    return deco
 
 
 def corruption_names(subset: str = "common") -> list[str]:
@@ -81,7 +77,7 @@ def corruption_names(subset: str = "common") -> list[str]:
 def _validate(name: str, severity: int, profile: str) -> None:
     if name not in GROUPS["all"]:
         raise ValueError(f"expected a corruption name, one of {', '.join(GROUPS['all'])}; got {name!r}")
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise NotImplementedError(f"corruption {name!r} is not implemented yet in this version of bnadapt")
     if profile not in PROFILES:
         raise ValueError(f"expected profile to be one of {', '.join(PROFILES)}, got {profile!r}")
@@ -253,11 +249,11 @@ def corrupt(
 
         y = corrupt_tensor(x, name, severity, profile, rngs)
         return back(y[0] if single else y)
-    entry = _REGISTRY[name]
+    entry = REGISTRY[name]
     grey = x.shape[-1] == 1
     if grey and entry.rgb_only:
         x = np.repeat(x, 3, axis=-1)
-    y = entry.fn(x, severity_param(profile, name, severity), rngs, profile)
+    y = entry.numpy(x, severity_param(profile, name, severity), rngs, profile)
     y = to_uint8(y)
     if grey and entry.rgb_only:
         # ITU-R 601 luma, as PIL's convert("L"), to return to one channel.
@@ -268,45 +264,11 @@ def corrupt(
 
 
 def torch_corruption_names() -> list[str]:
-    """The corruptions that have a torch path (run on the tensor's device), in the canonical order; imports torch.
+    """The corruptions that have a torch variant (run on the tensor's device), in the canonical order; the others
+    run on numpy whatever the backend.
 
     Example:
         >>> "glass_blur" in torch_corruption_names()
         False
     """
-    from .torch_path import torch_corruption_names as names
-
-    return names()
-
-
-def to_uint8(y: np.ndarray) -> np.ndarray:
-    """Clip float images to [0, 1] and truncate to uint8 as ``np.uint8(np.clip(y, 0, 1) * 255)``; uint8 passes."""
-    if y.dtype == np.uint8:
-        return y
-    return (np.clip(y, 0, 1) * 255).astype(np.uint8)
-
-
-def randint(rng, low: int, high: int, size=None):
-    """Integers in [low, high) from a ``numpy.random.Generator`` or a legacy ``RandomState`` (used to replay the
-    original code's call sequence in tests)."""
-    if isinstance(rng, np.random.RandomState):
-        return rng.randint(low, high, size=size)
-    return rng.integers(low, high, size=size)
-
-
-def chunks(n: int, pixels_per_image: int, budget: int) -> Iterator[slice]:
-    """Slices of the batch axis of whole images holding about ``budget`` pixels each (at least one image), so float
-    temporaries stay cache-sized and memory stays bounded for large batches."""
-    step = max(1, budget // max(1, pixels_per_image))
-    for s in range(0, n, step):
-        yield slice(s, min(n, s + step))
-
-
-# Importing the family modules fills the registry.
-from . import (  # noqa: E402,F401
-    blur,
-    digital,
-    noise,
-    snow,
-    weather,
-)
+    return [n for n in GROUPS["all"] if n in REGISTRY and REGISTRY[n].torch is not None]

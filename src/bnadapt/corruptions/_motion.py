@@ -1,4 +1,4 @@
-"""ImageMagick 6's MotionBlurImage, batched, for motion_blur and snow.
+"""ImageMagick 6's MotionBlurImage, batched (numpy and torch), for motion_blur and snow.
 
 The original code blurs through Wand (ImageMagick 6, Q16, non-HDRI). For ``radius > 0`` MagickCore uses
 ``width = 2 * ceil(radius) + 1`` taps (GetOptimalKernelWidth1D), a one-sided Gaussian ``exp(-i^2 / (2 sigma^2))``,
@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from .torch_path import F64, dev
 
 # MagickEpsilon in MagickCore (the floor on sigma).
 _EPSILON = 1.0e-12
@@ -86,3 +89,21 @@ def motion_blur_batch(x: np.ndarray, radius: float, sigma: float, angles: np.nda
                 acc[a:b] += k[t] * p[a:b, r + dy : r + dy + h, r + dx : r + dx + w]
         out[idx] = _to_uint8(acc)
     return out
+
+
+def motion_blur_tensor(x: torch.Tensor, radius: float, sigma: float, angles: np.ndarray) -> torch.Tensor:
+    """motion_blur_batch on a device: the same taps, clamped offsets, float32 sum and Q16 rounding."""
+    n, h, w, _ = x.shape
+    k = motion_weights(radius, sigma).astype(np.float32)
+    off = dev(motion_offsets(len(k), np.asarray(angles)), x)  # (N, width, 2) as (dx, dy)
+    xf = x.to(torch.float32)
+    rows0 = torch.arange(h, device=x.device)
+    cols0 = torch.arange(w, device=x.device)
+    img = torch.arange(n, device=x.device)[:, None, None]
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(len(k)):
+        rows = (rows0[None, :] + off[:, t, 1:2]).clamp(0, h - 1)
+        cols = (cols0[None, :] + off[:, t, 0:1]).clamp(0, w - 1)
+        acc += float(k[t]) * xf[img, rows[:, :, None], cols[:, None, :]]
+    q = torch.floor((acc.to(F64) * 257.0).clamp(0.0, 65535.0) + 0.5).to(torch.int32)
+    return torch.div(q, 257, rounding_mode="floor").to(torch.uint8)

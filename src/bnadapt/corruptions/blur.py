@@ -1,4 +1,5 @@
-"""Blur corruptions: defocus, glass, motion, zoom and Gaussian blur."""
+"""Blur corruptions: defocus, glass, motion, zoom and Gaussian blur (numpy variants, torch variants for all but
+glass blur)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
 from scipy import sparse
 from scipy.ndimage import gaussian_filter, zoom
 
-from . import chunks, randint, register, to_uint8
-from ._motion import motion_blur_batch
+from ._motion import motion_blur_batch, motion_blur_tensor
+from .registry import chunks, randint, register, register_torch, to_uint8
+from .torch_path import dev, unit
 
 # Batches are processed in chunks of about this many pixels to bound the float intermediates.
 _CHUNK_PIXELS = 2**20
@@ -23,6 +27,27 @@ def gaussian_blur(x: np.ndarray, sigma: float, rngs: list, profile: str) -> np.n
     for i in range(len(x)):  # image by image: float64 temporaries stay in cache
         out[i] = to_uint8(gaussian_filter(x[i] / 255.0, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0))
     return out
+
+
+def _correlate_nearest(x: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Tensor:
+    """scipy correlate1d(mode="nearest") of a symmetric kernel along ``dim``, in scipy's order of operations (centre
+    tap, then ``(left + right) * w`` pairs from the outermost in), so float64 results match it bit for bit."""
+    r, n = len(weights) // 2, x.shape[dim]
+    p = x.index_select(dim, torch.arange(-r, n + r, device=x.device).clamp(0, n - 1))
+    out = p.narrow(dim, r, n) * float(weights[r])
+    for j in range(r, 0, -1):
+        out = out + (p.narrow(dim, r - j, n) + p.narrow(dim, r + j, n)) * float(weights[r - j])
+    return out
+
+
+@register_torch("gaussian_blur")
+def gaussian_blur_torch(x: torch.Tensor, sigma: float, rngs: list, profile: str) -> torch.Tensor:
+    # skimage gaussian = scipy gaussian_filter(mode="nearest", truncate=4): rows (axis 0), then columns.
+    radius = int(4.0 * float(sigma) + 0.5)
+    k = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / (sigma * sigma) * k**2)
+    weights = weights / weights.sum()
+    return _correlate_nearest(_correlate_nearest(unit(x), weights, 1), weights, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- defocus blur
@@ -55,6 +80,17 @@ def defocus_blur(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.nd
     for i in range(len(x)):
         out[i] = to_uint8(cv2.filter2D(x[i] / 255.0, -1, kernel)).reshape(x.shape[1:])
     return out
+
+
+@register_torch("defocus_blur")
+def defocus_blur_torch(x: torch.Tensor, param: tuple, rngs: list, profile: str) -> torch.Tensor:
+    kernel = dev(disk_kernel(*param).astype(np.float64), x)
+    r = kernel.shape[0] // 2
+    n, h, w, c = x.shape
+    im = unit(x).permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
+    # cv2.filter2D: correlation with reflect-101 borders, which is torch's "reflect" padding.
+    y = F.conv2d(F.pad(im, (r, r, r, r), mode="reflect"), kernel[None, None])
+    return y.reshape(n, c, h, w).permute(0, 2, 3, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ glass blur
@@ -130,6 +166,13 @@ def motion_blur(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.nda
     return motion_blur_batch(x, radius, sigma, angles)
 
 
+@register_torch("motion_blur")
+def motion_blur_torch(x: torch.Tensor, param: tuple, rngs: list, profile: str) -> torch.Tensor:
+    radius, sigma = param
+    angles = np.array([rng.uniform(-45, 45) for rng in rngs], dtype=np.float64)
+    return motion_blur_tensor(x, radius, sigma, angles)
+
+
 # ------------------------------------------------------------------------------------------------------- zoom blur
 
 
@@ -177,6 +220,17 @@ def clipped_zoom_batch(x: np.ndarray, z: float) -> np.ndarray:
     return y[:, r0] * a0 + y[:, r1] * a1
 
 
+def clipped_zoom_tensor(x: torch.Tensor, z: float) -> torch.Tensor:
+    """clipped_zoom_batch on a device (same two taps per row and column, same operation order)."""
+    r0, r1, a0, a1 = (dev(a, x) for a in _zoom_taps(x.shape[1], float(z)))
+    c0, c1, b0, b1 = (dev(a, x) for a in _zoom_taps(x.shape[2], float(z)))
+    chan = (1,) * (x.ndim - 3)
+    b0, b1 = b0.reshape(-1, *chan).to(x.dtype), b1.reshape(-1, *chan).to(x.dtype)
+    a0, a1 = a0.reshape(-1, 1, *chan).to(x.dtype), a1.reshape(-1, 1, *chan).to(x.dtype)
+    y = x[:, :, c0] * b0 + x[:, :, c1] * b1
+    return y[:, r0] * a0 + y[:, r1] * a1
+
+
 @lru_cache(maxsize=5)  # ~10 MB each at 224x224; rebuilt in ~0.1 s
 def zoom_blur_operator(h: int, w: int, zooms: tuple[float, ...]) -> sparse.csr_matrix:
     """The whole zoom blur of one (h, w) channel as a sparse (h w, h w) matrix: (I + sum_z R_z (x) C_z) / (k + 1).
@@ -203,3 +257,30 @@ def zoom_blur(x: np.ndarray, zooms: np.ndarray, rngs: list, profile: str) -> np.
         cols = (x[sl].transpose(1, 2, 0, 3).reshape(h * w, m * c) / 255.0).astype(np.float32)
         out[sl] = to_uint8((op @ cols).reshape(h, w, m, c).transpose(2, 0, 1, 3))
     return out
+
+
+@lru_cache(maxsize=5)
+def _zoom_blur_taps(h: int, w: int, zooms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of zoom_blur_operator as padded (h w, max taps) source indices and float32 weights (0 in the
+    padding), in the sparse matrix's stored order."""
+    op = zoom_blur_operator(h, w, zooms)
+    counts = np.diff(op.indptr)
+    row = np.repeat(np.arange(h * w), counts)
+    pos = np.arange(op.nnz) - op.indptr[row]
+    idx = np.zeros((h * w, counts.max()), np.int64)
+    wts = np.zeros((h * w, counts.max()), np.float32)
+    idx[row, pos], wts[row, pos] = op.indices, op.data
+    return idx, wts
+
+
+@register_torch("zoom_blur")
+def zoom_blur_torch(x: torch.Tensor, zooms: np.ndarray, rngs: list, profile: str) -> torch.Tensor:
+    # The numpy engine's float32 sparse product (pixels as rows, (image, channel) as columns), tap by tap in the
+    # matrix's stored order: scipy's csr product accumulates the same float32 terms in the same order.
+    n, h, w, c = x.shape
+    idx, wts = (dev(a, x) for a in _zoom_blur_taps(h, w, tuple(float(z) for z in zooms)))
+    cols = unit(x).to(torch.float32).permute(1, 2, 0, 3).reshape(h * w, n * c)
+    acc = torch.zeros_like(cols)
+    for t in range(idx.shape[1]):
+        acc += wts[:, t : t + 1] * cols[idx[:, t]]
+    return acc.reshape(h, w, n, c).permute(2, 0, 1, 3)

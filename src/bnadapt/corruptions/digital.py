@@ -1,4 +1,5 @@
-"""Digital corruptions: brightness, contrast, saturation, elastic transform, pixelation, JPEG."""
+"""Digital corruptions: brightness, contrast, saturation, elastic transform, pixelation, JPEG (numpy variants, and
+torch variants for all but elastic transform and JPEG)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from . import chunks, register, to_uint8
+from .registry import chunks, register, register_torch, to_uint8
+from .torch_path import F64, dev, div, unit
 
 # Float work is done on slices of the batch of about this many pixels, so temporaries stay in cache and memory stays
 # bounded for large batches of large images.
@@ -26,6 +29,13 @@ def contrast(x: np.ndarray, c: float, rngs: list, profile: str) -> np.ndarray:
         means = im.mean(axis=(0, 1))
         out[i] = to_uint8((im - means) * c + means)
     return out
+
+
+@register_torch("contrast")
+def contrast_torch(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
+    im = unit(x)
+    means = im.mean(dim=(1, 2), keepdim=True)
+    return (im - means) * c + means
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,6 +90,32 @@ def _hsv_roundtrip(x: np.ndarray, adjust: Callable[[np.ndarray, np.ndarray], Non
     return out.reshape(x.shape)
 
 
+def _hsv_roundtrip_torch(x: torch.Tensor, adjust: Callable[[torch.Tensor, torch.Tensor], tuple]) -> torch.Tensor:
+    """scikit-image's rgb2hsv -> adjust(s, v) -> hsv2rgb in float64, op for op as _hsv_roundtrip."""
+    rgb = unit(x).permute(3, 0, 1, 2)  # planar (3, N, H, W)
+    r, g, b = rgb
+    v = rgb.amax(dim=0)
+    delta = v - rgb.amin(dim=0)
+    grey = delta == 0
+    bmax, gmax = b == v, g == v  # blue wins ties, then green (skimage's overwrite order)
+    num = torch.where(bmax, r - g, torch.where(gmax, b - r, g - b))
+    s = delta / torch.where(grey, 1.0, v)
+    h = num / torch.where(grey, 1.0, delta)
+    h = h + torch.where(bmax, 4.0, torch.where(gmax, 2.0, 0.0))
+    h = div(h, 6.0)
+    h = h + (h < 0).to(F64)  # skimage's h % 1.0 for h in [-1/6, 5/6]
+    h = torch.where(grey, 0.0, h)
+
+    s, v = adjust(s, v)
+
+    h = h * 6
+    hi = torch.floor(h)
+    f = h - hi
+    vpqt = torch.stack([v, v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)])
+    pick = dev(_SEXTANT_PICK, x)[:, hi.to(torch.long)]  # (3, N, H, W) plane index per output channel
+    return torch.gather(vpqt, 0, pick).permute(1, 2, 3, 0)
+
+
 @register("brightness", rgb_only=True)
 def brightness(x: np.ndarray, c: float, rngs: list, profile: str) -> np.ndarray:
     def adjust(s: np.ndarray, v: np.ndarray) -> None:
@@ -87,6 +123,11 @@ def brightness(x: np.ndarray, c: float, rngs: list, profile: str) -> np.ndarray:
         np.clip(v, 0, 1, out=v)
 
     return _hsv_roundtrip(x, adjust)
+
+
+@register_torch("brightness")
+def brightness_torch(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
+    return _hsv_roundtrip_torch(x, lambda s, v: (s, (v + c).clamp(0, 1)))
 
 
 @register("saturate", rgb_only=True)
@@ -99,6 +140,12 @@ def saturate(x: np.ndarray, param: tuple[float, float], rngs: list, profile: str
         np.clip(s, 0, 1, out=s)
 
     return _hsv_roundtrip(x, adjust)
+
+
+@register_torch("saturate")
+def saturate_torch(x: torch.Tensor, param: tuple[float, float], rngs: list, profile: str) -> torch.Tensor:
+    mul, add = param
+    return _hsv_roundtrip_torch(x, lambda s, v: ((s * mul + add).clamp(0, 1), v))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,6 +363,56 @@ def pixelate(x: np.ndarray, c: float, rngs: list, profile: str) -> np.ndarray:
     for i in range(n):
         out[i] = _array(_pil(x[i]).resize(small, _BOX).resize((w, h), _BOX), ch)
     return out
+
+
+_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2
+
+
+@lru_cache(maxsize=64)
+def pil_box_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) fixed-point coefficients of Pillow's BOX resize along one axis, as Resample.c's precompute_coeffs
+    and normalize_coeffs_8bpc compute them (float64, then rounded to 22 fractional bits).
+
+    Example:
+        >>> (pil_box_matrix(4, 2) / 2**22).tolist()
+        [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
+    """
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale  # BOX's support is 0.5
+    ss = 1.0 / filterscale
+    mat = np.zeros((out_size, in_size), np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        taps = [1.0 if -0.5 < (x + xmin - center + 0.5) * ss <= 0.5 else 0.0 for x in range(xmax)]
+        total = 0.0
+        for t in taps:
+            total += t
+        for x, t in enumerate(taps):
+            k = t / total if total != 0.0 else t
+            mat[xx, xmin + x] = int(0.5 + k * (1 << _PRECISION_BITS))
+    return mat
+
+
+def _pil_pass(x: torch.Tensor, mat: torch.Tensor, equation: str) -> torch.Tensor:
+    # Integer-valued float64 products and sums stay below 2^31, so the matrix product is exact in any order; then
+    # Pillow's rounding (+ 2^21) and clip8 (>> 22, clamped to 0..255).
+    acc = torch.einsum(equation, mat, x) + float(1 << (_PRECISION_BITS - 1))
+    return torch.floor(acc / float(1 << _PRECISION_BITS)).clamp(0, 255)
+
+
+@register_torch("pixelate")
+def pixelate_torch(x: torch.Tensor, c: float, rngs: list, profile: str) -> torch.Tensor:
+    h, w = x.shape[1:3]
+    sw, sh = int(w * c), int(h * c)
+    y = x.to(F64)
+    # Each resize: horizontal pass, then vertical, each rounded to 8 bits (Pillow's two-pass order).
+    for (fh, th), (fw, tw) in (((h, sh), (w, sw)), ((sh, h), (sw, w))):
+        y = _pil_pass(y, dev(pil_box_matrix(fw, tw), x), "ij,nhjc->nhic")
+        y = _pil_pass(y, dev(pil_box_matrix(fh, th), x), "ij,njwc->niwc")
+    return y.to(torch.uint8)
 
 
 @register("jpeg_compression")

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_path
-from ..data import list_image_files, read_images
+from ..data import list_image_files, read_images, resize_crop
 from . import GROUPS, corrupt
 
 log = logging.getLogger(__name__)
 
+# resize_crop lives in bnadapt.data (the readers resize too) and is still importable from here.
 __all__ = ["ExportPlan", "export_corrupted", "resize_crop"]
 
 FORMATS = ("cifar-c", "imagenet-c")
@@ -59,27 +60,6 @@ class ExportPlan:
             raise ValueError(f"expected severities in 1..5, got {list(self.severities)}")
         if self.seed < 0:
             raise ValueError(f"expected a non-negative seed, got {self.seed}")
-
-
-def resize_crop(image, resize: int = 256, crop: int = 224, resample: str = "bilinear"):
-    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear, or ``resample`` = "bicubic"),
-    as ImageNet-C was made.
-
-    Example:
-        >>> from PIL import Image
-        >>> resize_crop(Image.new("RGB", (500, 375))).size
-        (224, 224)
-    """
-    from PIL import Image
-
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
-    w, h = image.size
-    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
-    return image.crop((left, top, left + crop, top + crop))
 
 
 def _write_manifest(out: Path, plan: ExportPlan, force: bool) -> None:
@@ -143,8 +123,8 @@ def _export_cifar(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[in
     # dataset size (only an .npz source is held whole, as numpy reads it).
     step = max(_CHUNK, _BLOCK_BYTES // first.nbytes)
     starts = range(0, n, step)
-    tasks = [(c, s, a, min(a + step, n), plan.profile, plan.seed)
-             for c in todo for s in plan.severities for a in starts]  # fmt: skip
+    cells = [(c, s) for c in todo for s in plan.severities]
+    tasks = [(c, s, a, min(a + step, n), plan.profile, plan.seed) for c, s in cells for a in starts]
     # One pool for every file, its results consumed in order: the workers never idle between corruptions.
     with contextlib.closing(_run(_cifar_block, tasks, jobs, initializer=_set_source, initargs=(source,))) as blocks:
         for name in todo:
@@ -307,8 +287,8 @@ def export_corrupted(
         ['contrast.npy']
     """
     names = tuple(corruptions) if corruptions is not None else tuple(GROUPS["all"])
-    plan = ExportPlan(str(source), str(out), format, profile, names, tuple(int(s) for s in severities), int(seed),
-                      resize, skip_bad)  # fmt: skip
+    levels = tuple(int(s) for s in severities)
+    plan = ExportPlan(str(source), str(out), format, profile, names, levels, int(seed), resize, skip_bad)
     plan.validate()
     if profile not in ("cifar", "imagenet"):
         raise ValueError(f"expected profile to be one of cifar, imagenet, got {profile!r}")

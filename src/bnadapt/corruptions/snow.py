@@ -1,12 +1,17 @@
-"""Snow: a zoomed, thresholded, motion-blurred noise layer over a brightened image."""
+"""Snow: a zoomed, thresholded, motion-blurred noise layer over a brightened image (numpy and torch variants)."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from . import chunks, register, to_uint8
-from ._motion import motion_blur_batch
-from .blur import _CHUNK_PIXELS, clipped_zoom_batch
+from ._motion import motion_blur_batch, motion_blur_tensor
+from .blur import clipped_zoom_batch, clipped_zoom_tensor
+from .registry import chunks, register, register_torch, to_uint8
+from .torch_path import F64, dev, div, per_image
+
+# Batches are processed in chunks of about this many pixels to bound the float intermediates (the blurs' budget).
+_CHUNK_PIXELS = 2**20
 
 
 @register("snow")
@@ -36,3 +41,21 @@ def snow(x: np.ndarray, param: tuple, rngs: list, profile: str) -> np.ndarray:
         im = b * im + (1 - b) * np.maximum(im, grey * np.float32(1.5) + np.float32(0.5))
         out[sl] = to_uint8(im + flakes + flakes[:, ::-1, ::-1])
     return out
+
+
+@register_torch("snow")
+def snow_torch(x: torch.Tensor, param: tuple, rngs: list, profile: str) -> torch.Tensor:
+    loc, scale, z, thr, radius, sigma, b = param
+    n, h, w, c = x.shape
+    # The layer, then the angle, per image (the numpy engine's order).
+    draws = per_image(lambda rng: (rng.normal(loc, scale, (h, w)), rng.uniform(-135, -45)), rngs, pixels=h * w)
+    angles = np.array([a for _, a in draws], np.float64)
+    lay = clipped_zoom_tensor(dev(np.stack([layer for layer, _ in draws]), x), z)
+    lay = torch.where(lay < thr, 0.0, lay)
+    layer8 = (lay.clamp(0, 1) * 255).to(torch.uint8)
+    flakes = div(motion_blur_tensor(layer8[..., None], radius, sigma, angles).to(F64), 255.0)
+    im = div(x.to(torch.float32), 255.0)
+    # cv2.cvtColor(RGB2GRAY) in float32 for colour images.
+    grey = im[..., :1] * 0.299 + im[..., 1:2] * 0.587 + im[..., 2:] * 0.114 if c == 3 else im
+    im = b * im + (1 - b) * torch.maximum(im, grey * 1.5 + 0.5)
+    return im + flakes + flakes.flip(1, 2)

@@ -1,4 +1,4 @@
-"""Weather corruptions: frost, fog, and the held-out spatter (water and mud).
+"""Weather corruptions: frost, fog, and the held-out spatter (water and mud); frost and fog have torch variants.
 
 Each function consumes its image's random numbers in the same order as the original code, so a legacy
 ``RandomState`` seeded like the original reproduces the original bytes (see tests/test_corruptions_weather.py).
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
 
-from . import chunks, randint, register
 from .params import FOG_MAP_SIZE
+from .registry import chunks, randint, register, register_torch
+from .torch_path import F64, dev, div, drawn, unit
 
 # Images per chunk are chosen so that a chunk's float temporaries stay in cache: one big batch is 2-3x slower.
 _CHUNK_PIXELS = 1 << 17
@@ -105,11 +107,8 @@ def _texture_for(folder: str, profile: str, idx: int, h: int, w: int) -> np.ndar
     return big
 
 
-@register("frost", rgb_only=True)
-def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
-
-    a, b = c
-    n, h, w = x.shape[:3]
+def _frost_crops(n: int, h: int, w: int, rngs: list, profile: str) -> np.ndarray:
+    """(n, h, w, 3) uint8 texture crops, one per image, from the original's draws: texture, top, left."""
     folder = _frost_folder()
     crops = np.empty((n, h, w, 3), np.uint8)
     for i, rng in enumerate(rngs):
@@ -118,6 +117,14 @@ def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
         top = int(randint(rng, 0, tex.shape[0] - h))
         left = int(randint(rng, 0, tex.shape[1] - w))
         crops[i] = tex[top : top + h, left : left + w]
+    return crops
+
+
+@register("frost", rgb_only=True)
+def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
+    a, b = c
+    n, h, w = x.shape[:3]
+    crops = _frost_crops(n, h, w, rngs, profile)
     # Blended on the 0..255 scale in float64 and truncated, as the original.
     out = np.empty_like(x)
     for sl in chunks(n, h * w, _CHUNK_PIXELS):
@@ -126,6 +133,17 @@ def frost(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
         np.clip(y, 0, 255, out=y)
         out[sl] = y
     return out
+
+
+@register_torch("frost")
+def frost_torch(x: torch.Tensor, c: tuple, rngs: list, profile: str) -> torch.Tensor:
+    a, b = c
+    n, h, w = x.shape[:3]
+    # The crops are cut on the host (uint8) and only blended on the device.
+    crops = _frost_crops(n, h, w, rngs, profile)
+    # Blended on the 0..255 scale in float64 and truncated.
+    y = a * x.to(F64) + b * dev(crops, x).to(F64)
+    return y.clamp(0, 255).to(torch.uint8)
 
 
 # ------------------------------------------------------------------------------------------------------------ fog
@@ -205,6 +223,19 @@ def fog(x: np.ndarray, c: tuple, rngs: list, profile: str) -> np.ndarray:
         return _truncate(im)
 
     return _chunked(x, rngs, work)
+
+
+@register_torch("fog")
+def fog_torch(x: torch.Tensor, c: tuple, rngs: list, profile: str) -> torch.Tensor:
+    strength, decay = c
+    h, w = x.shape[1:3]
+    mapsize = fog_map_size(profile, h, w)
+    # The diamond-square steps are sequential per image: computed on the host, one image per thread.
+    plasma = drawn(lambda rng: plasma_fractal([rng], mapsize, decay)[0, :h, :w], x, rngs)
+    im = unit(x)
+    peak = div(x.amax(dim=(1, 2, 3), keepdim=True).to(F64), 255.0)
+    im = im + strength * plasma[..., None]
+    return im * peak / (peak + strength)
 
 
 # -------------------------------------------------------------------------------------------------------- spatter

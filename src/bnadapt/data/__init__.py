@@ -13,6 +13,7 @@ from ._images import (
     center_crop,
     follow_outside_links,
     list_image_files,
+    resize_crop,
     to_float_nchw,
 )
 from ._loader import iter_batches_of
@@ -36,6 +37,7 @@ __all__ = [
     "Cell",
     "PREPARE",
     "center_crop",
+    "resize_crop",
     "IndexedImages",
     "LIST_FILE",
     "RELEASE_JPEG_QUALITY",

@@ -10,14 +10,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._images import _load_npy
+from ._images import load_npy
 from ._sets import (
     RELEASE_JPEG_QUALITY,
     ArrayImages,
     CorruptedImages,
     ImageSet,
     IndexedImages,
-    _class_folder,
+    class_folder,
     open_clean,
     spread_indices,
 )
@@ -203,7 +203,7 @@ def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData
     labels_path = root / "labels.npy"
     if not labels_path.is_file():
         raise FileNotFoundError(f"expected labels.npy in the CIFAR-C folder {root}, found none")
-    labels = _load_npy(labels_path)
+    labels = load_npy(labels_path)
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels):
         raise ValueError(
             f"expected labels.npy in {root} to hold integer class labels of shape (N,), got {labels.dtype} "
@@ -220,7 +220,7 @@ def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData
     cells = [(c, s) for c in names if (root / f"{c}.npy").is_file() for s in sev if s in blocks]
 
     def opener(c: str, s: int) -> ImageSet:
-        x = _load_npy(root / f"{c}.npy")
+        x = load_npy(root / f"{c}.npy")
         if len(x) != len(labels):
             raise ValueError(
                 f"expected {c}.npy to have as many images as labels.npy has labels ({len(labels)}), got {len(x)}; "
@@ -260,7 +260,7 @@ def _open_imagenet_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchD
                 missing.append(f"{c}/{s}")
 
     def opener(c: str, s: int) -> ImageSet:
-        images = _class_folder(root / c / str(s), prepare="crop224")
+        images = class_folder(root / c / str(s), prepare="crop224")
         images.name = f"{c}:{s}"
         return images
 

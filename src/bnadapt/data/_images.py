@@ -1,4 +1,5 @@
-"""Low-level image helpers: checks and conversions between uint8 NHWC and float NCHW, file listing and decoding."""
+"""Low-level image helpers: checks and conversions between uint8 NHWC and float NCHW, file listing, decoding and
+ImageNet-C's resize + centre crop."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def to_float_nchw(images) -> torch.Tensor:
 _OUTSIDE_LINKS: ContextVar[bool] = ContextVar("bnadapt_outside_links", default=False)
 
 
+def outside_links_followed() -> bool:
+    """Whether readers follow symlinks (and list-file paths) that lead outside the input folder just now.
+
+    Example:
+        >>> with follow_outside_links():
+        ...     outside_links_followed()
+        True
+    """
+    return _OUTSIDE_LINKS.get()
+
+
 @contextmanager
 def follow_outside_links(allow: bool = True) -> Iterator[None]:
     """Within this block, folder readers follow symlinks that point outside the input folder (``--follow-links``).
@@ -112,20 +124,50 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
 PREPARE = (None, "resize256-crop224", "crop224")
 
 
-def _decode(path: Path, channels: int = 3, prepare: str | None = None) -> np.ndarray:
+def decode_image(path: Path, channels: int = 3, prepare: str | None = None) -> np.ndarray:
+    """An image file as a uint8 (H, W, channels) array, prepared as ``prepare`` says (one of :data:`PREPARE`); an
+    unreadable file is a ValueError naming it.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> f = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (300, 260)).save(f)
+        >>> decode_image(f, prepare="resize256-crop224").shape
+        (224, 224, 3)
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if prepare == "resize256-crop224":
-                from ..corruptions.export import resize_crop
-
                 im = resize_crop(im)
             out = np.asarray(im).reshape(im.height, im.width, channels)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"expected a readable image file, got an unreadable one: {path} ({e})") from e
     return center_crop(out, 224) if prepare == "crop224" else out
+
+
+def resize_crop(image, resize: int = 256, crop: int = 224, resample: str = "bilinear"):
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear, or ``resample`` = "bicubic"),
+    as ImageNet-C was made.
+
+    Example:
+        >>> from PIL import Image
+        >>> resize_crop(Image.new("RGB", (500, 375))).size
+        (224, 224)
+    """
+    from PIL import Image
+
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    image = image.resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
+    w, h = image.size
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -143,19 +185,32 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def _numpy_reason(e: Exception) -> str:
-    """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here)."""
+def numpy_reason(e: Exception) -> str:
+    """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here).
+
+    Example:
+        >>> numpy_reason(ValueError("Object arrays cannot be loaded when allow_pickle=False"))
+        'it holds Python objects (pickled data), which bnadapt never loads'
+    """
     if "pickle" in str(e) or "object" in str(e).lower():
         return "it holds Python objects (pickled data), which bnadapt never loads"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _load_npy(path: Path) -> np.ndarray:
-    """An .npy file memory-mapped read-only, never unpickled; a damaged file is a ValueError naming it."""
+def load_npy(path: Path) -> np.ndarray:
+    """An .npy file memory-mapped read-only, never unpickled; a damaged file is a ValueError naming it.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "a.npy"
+        >>> np.save(f, np.zeros((2, 8, 8, 3), np.uint8))
+        >>> load_npy(f).shape
+        (2, 8, 8, 3)
+    """
     try:
         x = np.load(path, allow_pickle=False, mmap_mode="r")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({_numpy_reason(e)})") from e
+        raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
     if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever its name
         x.close()
         raise ValueError(f"expected one array in the .npy file {path}, got an .npz archive; name it .npz")

@@ -55,9 +55,13 @@ def iter_batches_of(
     on_device = device.type == "cuda" if on_device is None else on_device
     chunks = _Chunks(sets, batch_size, on_device)
     loader = torch.utils.data.DataLoader(
-        chunks, batch_size=None, shuffle=False, num_workers=jobs, pin_memory=pin_memory,
+        chunks,
+        batch_size=None,
+        shuffle=False,
+        num_workers=jobs,
+        pin_memory=pin_memory,
         prefetch_factor=2 if jobs else None,
-    )  # fmt: skip
+    )
 
     def finished():
         for k, idx, staged, y in loader:

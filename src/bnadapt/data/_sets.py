@@ -11,15 +11,15 @@ import numpy as np
 import torch
 
 from ._images import (
-    _OUTSIDE_LINKS,
     IMAGE_SUFFIXES,
     PREPARE,
-    _decode,
-    _load_npy,
-    _numpy_reason,
     as_uint8_nhwc,
     center_crop,
+    decode_image,
     list_image_files,
+    load_npy,
+    numpy_reason,
+    outside_links_followed,
 )
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,14 @@ class FileImages(ImageSet):
                     images.append(_decode_jpegs(data, device))
                 except RuntimeError as e:
                     self._fallbacks += 1
-                    log.warning("decoding %s on the CPU: the %s decoder refused it (%s)", self.files[int(i)],
-                                device.type, str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
-                    im = _decode(self.files[int(i)], prepare=self.prepare)
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    log.warning(
+                        "decoding %s on the CPU: the %s decoder refused it (%s)",
+                        self.files[int(i)],
+                        device.type,
+                        reason,
+                    )
+                    im = decode_image(self.files[int(i)], prepare=self.prepare)
                     images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).to(device))
         images = [im.permute(1, 2, 0) for im in images]  # (H, W, C) views, as get() returns them
         if self.prepare == "crop224":
@@ -133,7 +138,7 @@ class FileImages(ImageSet):
         return self._fallbacks
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        images = [_decode(self.files[int(i)], prepare=self.prepare) for i in indices]
+        images = [decode_image(self.files[int(i)], prepare=self.prepare) for i in indices]
         self._check_same_size(indices, images)
         return np.stack(images)
 
@@ -182,8 +187,9 @@ class CorruptedImages(ImageSet):
         from ..corruptions import corrupt
 
         x = self.base.finish(staged.data, indices, device).contiguous()
-        x = corrupt(x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist(),
-                    backend="torch")  # fmt: skip
+        x = corrupt(
+            x, self.corruption, self.severity, self.profile, self.seed, indices=indices.tolist(), backend="torch"
+        )
         if self.jpeg_quality is not None:  # Pillow's encoder defines the released files: a CPU round trip
             x = torch.from_numpy(jpeg_roundtrip(x.cpu().numpy(), self.jpeg_quality)).to(device)
         return x
@@ -298,7 +304,7 @@ def _list_file(path: Path, prepare: str | None) -> FileImages:
         if not rel.strip() or not label.isdigit():
             raise ValueError(f"expected '<image path>, <label>' on line {k} of {path}, got {line.strip()!r}")
         f = (root / rel.strip()).resolve()
-        if not _OUTSIDE_LINKS.get() and not f.is_relative_to(root):
+        if not outside_links_followed() and not f.is_relative_to(root):
             raise ValueError(f"expected image paths inside {root} in {path}, got {rel.strip()!r} on line {k}")
         files.append(f)
         labels.append(int(label))
@@ -306,12 +312,24 @@ def _list_file(path: Path, prepare: str | None) -> FileImages:
         raise ValueError(f"expected at least one '<image path>, <label>' line in {path}, found none")
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"expected the {len(files)} images listed in {path}, but {len(missing)} are missing "
-                                f"(first: {missing[0]})")  # fmt: skip
+        raise FileNotFoundError(
+            f"expected the {len(files)} images listed in {path}, but {len(missing)} are missing (first: {missing[0]})"
+        )
     return FileImages(files, np.array(labels, np.int64), name=str(path.parent), prepare=prepare)
 
 
-def _class_folder(root: Path, prepare: str | None = None) -> FileImages:
+def class_folder(root: Path, prepare: str | None = None) -> FileImages:
+    """The labelled images of a folder: as its ``dataset.txt`` list says, else ``<class>/<image>`` sub-folders.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "3").mkdir()
+        >>> Image.new("RGB", (32, 32)).save(root / "3" / "a.png")
+        >>> class_folder(root).labels.tolist()
+        [3]
+    """
     if (root / LIST_FILE).is_file():
         return _list_file(root / LIST_FILE, prepare)
     files = list_image_files(root)
@@ -336,7 +354,7 @@ def open_clean(path: str | os.PathLike[str], prepare: str | None = None) -> Imag
     if path.is_file() and path.suffix == ".txt":
         return _list_file(path, prepare)
     if path.is_dir():
-        return _class_folder(path, prepare)
+        return class_folder(path, prepare)
     x, y = read_images(path)
     if y is None:
         raise ValueError(f"expected labels 'y' in {path.name} to measure accuracy, got images only")
@@ -367,7 +385,7 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
         return _read_folder(path, limit)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        x, y = _load_npy(path), None
+        x, y = load_npy(path), None
     elif suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -375,7 +393,7 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
                 x = z["x"] if "x" in keys else (z[keys[0]] if len(keys) == 1 else None)
                 y = z["y"] if "y" in keys else None
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({_numpy_reason(e)})") from e
+            raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
         if x is None:
             raise ValueError(f"expected an .npz with an 'x' array (and optional 'y'), got keys {keys} in {path}")
     else:
