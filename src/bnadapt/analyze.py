@@ -28,12 +28,12 @@ from typing import NamedTuple
 import numpy as np
 from torch import nn
 
-from ._io import atomic_path
+from ._io import write_text
 from .benchmark import BenchConfig, parse_cell, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
-from .report import ABBR, _cells_by_group, _csv, _pct, _table, _write, pyplot, save_figure
-from .results import RESULTS, read_results
+from .report import ABBR, csv_text, md_table, pct, pyplot, save_figure
+from .results import RESULTS, cells_by_group, read_results
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _in_memory(data: BenchData, max_bytes: int) -> BenchData:
 
 def _accs(rows: list[dict], method: str) -> dict[tuple, float]:
     """(corruption, severity) -> accuracy of ``method``, averaged over seeds."""
-    return next((cells for (_, m, _, _), cells in _cells_by_group(rows).items() if m == method), {})
+    return next((cells for (_, m, _, _), cells in cells_by_group(rows).items() if m == method), {})
 
 
 def _mean(rows: list[dict], method: str, cells: Iterable[Cell]) -> tuple[float, float | None] | None:
@@ -261,18 +261,18 @@ def _md(header: list[str], body: list[list], bold: set[tuple[int, int]] | None =
     bold = bold or set()
 
     def fmt(i: int, j: int, v) -> str:
-        text = _pct(*v) if isinstance(v, tuple) else _pct(v) if isinstance(v, float) or v is None else str(v)
+        text = pct(*v) if isinstance(v, tuple) else pct(v) if isinstance(v, float) or v is None else str(v)
         return f"**{text}**" if (i, j) in bold else text
 
-    return _table(header, [[fmt(i, j, v) for j, v in enumerate(r)] for i, r in enumerate(body)])
+    return md_table(header, [[fmt(i, j, v) for j, v in enumerate(r)] for i, r in enumerate(body)])
 
 
-def _csv_text(header: list[str], body: list[list]) -> str:
+def _csv_table(header: list[str], body: list[list]) -> str:
     def fmt(v):
         v = v[0] if isinstance(v, tuple) else v
         return round(v, 6) if isinstance(v, float) else v
 
-    return _csv(header, [[fmt(v) for v in r] for r in body])
+    return csv_text(header, [[fmt(v) for v in r] for r in body])
 
 
 # --- the three analyses' tables and plots ---------------------------------------------------------------------------
@@ -423,8 +423,8 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
              "- results: `runs/<label>/results.jsonl`, one `bnadapt bench` folder per configuration", "",
              tables.notes, "", *(t + "\n" for t in tables.markdown)]  # fmt: skip
     lines += [f"![{analysis}]({analysis}.png)", ""] if plt is not None else []
-    files.insert(0, _write(root / f"{analysis}.md", "\n".join(lines)))
-    files.insert(1, _write(root / f"{analysis}.csv", _csv_text(tables.header, tables.body)))
+    files.insert(0, write_text(root / f"{analysis}.md", "\n".join(lines)))
+    files.insert(1, write_text(root / f"{analysis}.csv", _csv_table(tables.header, tables.body)))
     record = {
         "analysis": analysis,
         "command": header.get("command"),
@@ -441,10 +441,7 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
         "versions": header.get("versions"),
         "runs": {r.label: {k: v for k, v in asdict(r.config).items() if k in _RUN_FIELDS} for r in runs},
     }
-    path = root / "analysis.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-    files.append(path)
+    files.append(write_text(root / "analysis.json", json.dumps(record, indent=2) + "\n"))
     return AnalysisResult(files, tables.markdown[0])
 
 
