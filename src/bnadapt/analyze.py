@@ -29,7 +29,7 @@ import numpy as np
 from torch import nn
 
 from ._io import write_text
-from .benchmark import BenchConfig, parse_cell, run_benchmark
+from .benchmark import BenchConfig, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
 from .report import ABBR, csv_text, md_table, pct, pyplot, save_figure
@@ -186,16 +186,12 @@ def _check(analysis: str, data: BenchData, config: BenchConfig, ks: Sequence[int
     return sorted(set(ks))
 
 
-def _cell_text(cell: Cell) -> str:
-    return CLEAN if cell[0] == CLEAN else f"{cell[0]}:{cell[1]}"
-
-
 def _plan(analysis: str, data: BenchData, config: BenchConfig, ks: list[int], n_layers: int) -> list[_Run]:
     """The benchmark runs an analysis is made of: one results folder each."""
     adapted = replace(config, methods=("replace",))
     with_source = replace(config, methods=("source", "replace"))
     if analysis == "transfer":
-        rows = [_Run(f"adapt-{_cell_text(c).replace(':', '-')}", replace(adapted, adapt_on=_cell_text(c)))
+        rows = [_Run(f"adapt-{str(c).replace(':', '-')}", replace(adapted, adapt_on=str(c)))
                 for c in data.cells]  # fmt: skip
         return [_Run("source", replace(config, methods=("source",))), *rows]
     if analysis == "parts":
@@ -297,10 +293,10 @@ def _transfer(data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
     for i, run in enumerate(runs):
         method = "source" if run.config.adapt_on is None else "replace"
         rows = results[run.label]
-        label = "source (no adaptation)" if method == "source" else parse_cell(run.config.adapt_on)[0]
+        label = "source (no adaptation)" if method == "source" else Cell.parse(run.config.adapt_on).corruption
         body.append([label, *(_accs(rows, method).get(c) for c in cols), _mean(rows, method, corr)])
         if method == "replace":
-            bold.add((i, 1 + cols.index(parse_cell(run.config.adapt_on))))
+            bold.add((i, 1 + cols.index(Cell.parse(run.config.adapt_on))))
     notes = (f"Top-1 accuracy in %. Rows: the cell the n={runs[0].config.ns[0]} adaptation images are drawn from "
              f"(replace); columns: the cell evaluated; corruptions at severity {corr[0][1]}. mean: over the corruption "
              "columns (± std across seeds). Bold: adapted and evaluated on the same cell.")  # fmt: skip
@@ -379,7 +375,7 @@ def _depth(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
     cols = list(data.cells)
     one = len({s for _, s in corr}) == 1
     body = [[name, k, *(_accs(rows, m).get(c) for c in cols), _mean(rows, m, corr)] for name, k, rows, m in variants]
-    header = ["variant", "k", *(_cell_text(c) for c in cols), "mean"]
+    header = ["variant", "k", *(str(c) for c in cols), "mean"]
     mean = {r[0]: r[-1] for r in body}
     summary = [["0 (source)", mean["source"], mean["source"]]]
     summary += [[str(k), mean[f"first-{k}"], mean[f"last-{k}"]] for k in ks]
@@ -435,7 +431,7 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
             "spec": str(data.spec),
             "corrupt_seed": data.seed,
             "limit_per_cell": data.limit,
-            "cells": [_cell_text(c) for c in data.cells],
+            "cells": [str(c) for c in data.cells],
         },  # fmt: skip
         "device": header.get("device"),
         "versions": header.get("versions"),
