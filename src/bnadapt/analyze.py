@@ -113,15 +113,23 @@ def run_analysis(
         raise ValueError(f"expected an analysis, one of {', '.join(ANALYSES)}; got {analysis!r}")
     if len(models) != 1:
         raise ValueError(f"expected one model to analyse, got {len(models)}; run one analysis per model")
-    _, model = next(iter(models.items()))
-    n_layers = len(bn_layers(model))
+    n_layers = len(bn_layers(next(iter(models.values()))))
     ks = _check(analysis, data, config, ks, n_layers)
     if data.limit is not None:  # recorded, so that a resume with another subset is refused rather than mixed
         config = replace(config, extra={**config.extra, "limit_per_cell": data.limit})
     runs = _plan(analysis, data, config, ks, n_layers)
     for run in runs:
         run.config.validate()
-    out = Path(out)
+    root = _root(Path(out), analysis, resume)
+    cells = _in_memory(data, max_bytes)
+    results = _run_all(models, cells, runs, root, command, resume, progress)
+    header = read_results(root / "runs" / runs[0].label)[0][-1]
+    return _write_outputs(analysis, root, data, results, runs, n_layers, header, plots)
+
+
+def _root(out: Path, analysis: str, resume: bool) -> Path:
+    """The analysis folder ``out/<analysis>``, refused (before anything is read) when it cannot be written or when it
+    holds finished runs and ``resume`` is off."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create it first")
     root = out / analysis
@@ -131,28 +139,40 @@ def run_analysis(
             f"expected an empty --out, got {root} with results of runs {', '.join(finished)}; pass --resume to skip "
             "their finished cells, or choose another --out"
         )
-    cells = _in_memory(data, max_bytes)
-    created = [p for p in (out, root, root / "runs") if not p.exists()]
+    return root
+
+
+def _run_all(
+    models: Mapping[str, nn.Module],
+    cells: BenchData,
+    runs: list[_Run],
+    root: Path,
+    command: Sequence[str] | None,
+    resume: bool,
+    progress: Progress | None,
+) -> dict[str, list[dict]]:
+    """Run each configuration into ``root/runs/<label>``; returns each run's rows, by label."""
+    created = [p for p in (root.parent, root, root / "runs") if not p.exists()]
     for p in created:
         p.mkdir()
+    n_cells = len(cells.cells)
     results: dict[str, list[dict]] = {}
-    asked = {(n, s) for n in config.ns for s in config.seeds}
     try:
         for i, run in enumerate(runs):
             step = None
             if progress is not None:
-                step = _step(progress, i * len(cells.cells), len(runs) * len(cells.cells), len(cells.cells), run.label)
-            rows = run_benchmark(models, cells, run.config, out=root / "runs" / run.label, command=command,
-                                 resume=resume, progress=step)  # fmt: skip
+                step = _step(progress, i * n_cells, len(runs) * n_cells, n_cells, run.label)
+            out = root / "runs" / run.label
+            rows = run_benchmark(models, cells, run.config, out=out, command=command, resume=resume, progress=step)
             # The folder may hold more (other seeds of an earlier run): the tables show what this call asked for.
+            asked = {(n, s) for n in run.config.ns for s in run.config.seeds}
             results[run.label] = [r for r in rows if r["seed"] is None or (r["n"], r["seed"]) in asked]
     except BaseException:
         for p in reversed(created):  # only what this call made and left empty: a refused run leaves nothing behind
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise
-    header = read_results(root / "runs" / runs[0].label)[0][-1]
-    return _write_outputs(analysis, root, data, results, runs, n_layers, header, plots)
+    return results
 
 
 def _check(analysis: str, data: BenchData, config: BenchConfig, ks: Sequence[int] | None, n_layers: int) -> list[int]:
