@@ -211,12 +211,14 @@ def _plan(analysis: str, data: BenchData, config: BenchConfig, ks: list[int], n_
     adapted = replace(config, methods=("replace",))
     with_source = replace(config, methods=("source", "replace"))
     if analysis == "transfer":
-        rows = [_Run(f"adapt-{str(c).replace(':', '-')}", replace(adapted, adapt_on=str(c)))
-                for c in data.cells]  # fmt: skip
+        rows = [_Run(f"adapt-{str(c).replace(':', '-')}", replace(adapted, adapt_on=str(c))) for c in data.cells]
         return [_Run("source", replace(config, methods=("source",))), *rows]
     if analysis == "parts":
-        return [_Run("both", with_source), _Run("mean", replace(adapted, part="mean")),
-                _Run("var", replace(adapted, part="var"))]  # fmt: skip
+        return [
+            _Run("both", with_source),
+            _Run("mean", replace(adapted, part="mean")),
+            _Run("var", replace(adapted, part="var")),
+        ]
     runs = [_Run("all", with_source)]
     for k in ks:
         if k < n_layers:  # k = all layers is the "all" run
@@ -317,9 +319,11 @@ def _transfer(data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
         body.append([label, *(_accs(rows, method).get(c) for c in cols), _mean(rows, method, corr)])
         if method == "replace":
             bold.add((i, 1 + cols.index(Cell.parse(run.config.adapt_on))))
-    notes = (f"Top-1 accuracy in %. Rows: the cell the n={runs[0].config.ns[0]} adaptation images are drawn from "
-             f"(replace); columns: the cell evaluated; corruptions at severity {corr[0][1]}. mean: over the corruption "
-             "columns (± std across seeds). Bold: adapted and evaluated on the same cell.")  # fmt: skip
+    notes = (
+        f"Top-1 accuracy in %. Rows: the cell the n={runs[0].config.ns[0]} adaptation images are drawn from "
+        f"(replace); columns: the cell evaluated; corruptions at severity {corr[0][1]}. mean: over the corruption "
+        "columns (± std across seeds). Bold: adapted and evaluated on the same cell."
+    )
     md = _md(["adapt on \\ evaluate on", *(_short(c, True) for c in cols), "mean"], body, bold)
     header = ["adapt_on", *(c[0] for c in cols), "mean"]
 
@@ -335,8 +339,8 @@ def _transfer(data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
             im = ax.imshow(grid, aspect="auto", **kw)
             ax.set_xticks(range(len(cols)), [_short(c, True) for c in cols], rotation=90, fontsize=7)
             first = ax is axes[0][0]
-            ax.set_yticks(range(len(body)), [ABBR.get(r[0], r[0]).split(" ")[0] for r in body] if first else [],
-                          fontsize=7)  # fmt: skip
+            labels = [ABBR.get(r[0], r[0]).split(" ")[0] for r in body] if first else []
+            ax.set_yticks(range(len(body)), labels, fontsize=7)
             ax.set_xlabel("evaluated on")
             ax.set_ylabel("adapted on" if first else "")
             ax.set_title(title, fontsize=9)
@@ -354,17 +358,23 @@ PART_COLUMNS = ("source", "mean only", "var only", "both (replace)")
 
 
 def _parts(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_layers: int) -> _Tables:
-    sources = [(results["both"], "source"), (results["mean"], "replace"), (results["var"], "replace"),
-               (results["both"], "replace")]  # fmt: skip
+    sources = [
+        (results["both"], "source"),
+        (results["mean"], "replace"),
+        (results["var"], "replace"),
+        (results["both"], "replace"),
+    ]
     accs = [_accs(rows, m) for rows, m in sources]
     body: list[list] = [[c[0], c[1], *(a.get(c) for a in accs)] for c in data.cells]
     severities = sorted({s for _, s in _corrupted(data.cells)})
     for s in [*severities, *(["all"] if len(severities) > 1 else [])]:
         cells = _corrupted(data.cells, None if s == "all" else s)
         body.append(["mean", s, *(_mean(rows, m, cells) for rows, m in sources)])
-    notes = (f"Top-1 accuracy in %. Adaptation (replace, n={runs[0].config.ns[0]} images of the evaluated cell) of "
-             "the BN means only, the variances only, or both; the other statistic keeps its source value. "
-             "mean: over the corruptions (± std across seeds).")  # fmt: skip
+    notes = (
+        f"Top-1 accuracy in %. Adaptation (replace, n={runs[0].config.ns[0]} images of the evaluated cell) of "
+        "the BN means only, the variances only, or both; the other statistic keeps its source value. "
+        "mean: over the corruptions (± std across seeds)."
+    )
     header = ["corruption", "severity", *PART_COLUMNS]
 
     def plot(plt):
@@ -373,8 +383,10 @@ def _parts(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
             rows = [r for r in body if r[1] == s]
             x = np.arange(len(rows))
             for j, name in enumerate(PART_COLUMNS):
-                ys = [100 * (v[0] if isinstance(v, tuple) else v) if v is not None else np.nan for v in
-                      (r[2 + j] for r in rows)]  # fmt: skip
+                ys = [
+                    100 * (v[0] if isinstance(v, tuple) else v) if v is not None else np.nan
+                    for v in (r[2 + j] for r in rows)
+                ]
                 ax.bar(x + (j - 1.5) * 0.2, ys, 0.2, label=name)
             ax.set_xticks(x, [ABBR.get(r[0], r[0]) for r in rows], fontsize=7)
             ax.set_ylabel(f"accuracy (%), sev. {s}")
@@ -400,9 +412,11 @@ def _depth(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
     summary = [["0 (source)", mean["source"], mean["source"]]]
     summary += [[str(k), mean[f"first-{k}"], mean[f"last-{k}"]] for k in ks]
     summary.append([f"all ({n_layers})", mean["all"], mean["all"]])
-    notes = (f"Top-1 accuracy in %, mean over the corruption cells (± std across seeds): replace (n="
-             f"{runs[0].config.ns[0]} images of the evaluated cell) applied to the first k or the last k of the "
-             f"model's {n_layers} BN layers (in forward order); the others keep their source statistics.")  # fmt: skip
+    notes = (
+        f"Top-1 accuracy in %, mean over the corruption cells (± std across seeds): replace (n="
+        f"{runs[0].config.ns[0]} images of the evaluated cell) applied to the first k or the last k of the "
+        f"model's {n_layers} BN layers (in forward order); the others keep their source statistics."
+    )
     detail = _md(["variant", "k", *(_short(c, one) for c in cols), "mean"], body)
 
     def plot(plt):
@@ -420,8 +434,16 @@ def _depth(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
     return _Tables(notes, [_md(["k (BN layers adapted)", "first k", "last k"], summary), detail], header, body, plot)
 
 
-def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
-                   n_layers: int, header: dict, plots: bool) -> AnalysisResult:  # fmt: skip
+def _write_outputs(
+    analysis: str,
+    root: Path,
+    data: BenchData,
+    results: dict[str, list[dict]],
+    runs: list[_Run],
+    n_layers: int,
+    header: dict,
+    plots: bool,
+) -> AnalysisResult:
     """Write ``<analysis>.md``, ``.csv``, ``.png`` and ``analysis.json`` from the runs' results."""
     tables = {"transfer": _transfer, "parts": _parts, "depth": _depth}[analysis](data, results, runs, n_layers)
     files = []
@@ -431,13 +453,22 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
     config = runs[0].config
     model = next(iter(header.get("preprocessing") or {"?": None}))
     cmd = " ".join(header.get("command") or []) or "(library call)"
-    lines = [f"# bnadapt analyze {analysis}", "", f"- command: `{cmd}`", f"- model: {model} ({n_layers} BN layers)",
-             f"- data: `{data.spec}` (corruption seed {data.seed}"
-             + (f", {data.limit} images per cell)" if data.limit else ")"),
-             f"- adaptation: n={config.ns[0]}, seeds {', '.join(map(str, config.seeds))}",
-             f"- device: {header.get('device')}", f"- versions: {header.get('versions')}",
-             "- results: `runs/<label>/results.jsonl`, one `bnadapt bench` folder per configuration", "",
-             tables.notes, "", *(t + "\n" for t in tables.markdown)]  # fmt: skip
+    limit = f", {data.limit} images per cell" if data.limit else ""
+    lines = [
+        f"# bnadapt analyze {analysis}",
+        "",
+        f"- command: `{cmd}`",
+        f"- model: {model} ({n_layers} BN layers)",
+        f"- data: `{data.spec}` (corruption seed {data.seed}{limit})",
+        f"- adaptation: n={config.ns[0]}, seeds {', '.join(map(str, config.seeds))}",
+        f"- device: {header.get('device')}",
+        f"- versions: {header.get('versions')}",
+        "- results: `runs/<label>/results.jsonl`, one `bnadapt bench` folder per configuration",
+        "",
+        tables.notes,
+        "",
+        *(t + "\n" for t in tables.markdown),
+    ]
     lines += [f"![{analysis}]({analysis}.png)", ""] if plt is not None else []
     files.insert(0, write_text(root / f"{analysis}.md", "\n".join(lines)))
     files.insert(1, write_text(root / f"{analysis}.csv", _csv_table(tables.header, tables.body)))
@@ -452,7 +483,7 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
             "corrupt_seed": data.seed,
             "limit_per_cell": data.limit,
             "cells": [str(c) for c in data.cells],
-        },  # fmt: skip
+        },
         "device": header.get("device"),
         "versions": header.get("versions"),
         "runs": {r.label: {k: v for k, v in asdict(r.config).items() if k in _RUN_FIELDS} for r in runs},

@@ -20,7 +20,7 @@ from ._io import atomic_path, write_text
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
 from .metrics import Baseline
-from .results import cells_by_group, read_results, summarize, write_summary
+from .results import KEY_FIELDS, cells_by_group, read_results, summarize, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,27 @@ __all__ = [
 ]
 
 FORMATS = ("md", "csv", "json")
-ABBR = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
-        "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
-        "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast", "pixelate": "pixel",
-        "jpeg_compression": "jpeg", "speckle_noise": "speck", "gaussian_blur": "gblur", "spatter": "spatt",
-        "saturate": "satur"}  # fmt: skip
+ABBR = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impul",
+    "defocus_blur": "defoc",
+    "glass_blur": "glass",
+    "motion_blur": "motn",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "brit",
+    "contrast": "contr",
+    "elastic_transform": "elast",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+    "speckle_noise": "speck",
+    "gaussian_blur": "gblur",
+    "spatter": "spatt",
+    "saturate": "satur",
+}
 
 
 class Loaded(NamedTuple):
@@ -130,20 +146,34 @@ def markdown(summary: list[dict], headers: list[dict]) -> str:
     h = headers[-1] if headers else {}
     if h:
         cmd = " ".join(h.get("command") or []) or "(library call)"
-        parts += [f"- command: `{cmd}`", f"- data: `{(h.get('data') or {}).get('spec')}`",
-                  f"- device: {h.get('device')}", f"- versions: {h.get('versions')}",
-                  f"- preprocessing: {h.get('preprocessing')}"]  # fmt: skip
+        parts += [
+            f"- command: `{cmd}`",
+            f"- data: `{(h.get('data') or {}).get('spec')}`",
+            f"- device: {h.get('device')}",
+            f"- versions: {h.get('versions')}",
+            f"- preprocessing: {h.get('preprocessing')}",
+        ]
         if len(headers) > 1:
             parts.append(f"- runs appended to this folder: {len(headers)} (the first: {headers[0].get('time')})")
         parts.append("")
-    parts += ["Top-1 accuracy in %. mean: the 15 benchmark corruptions x the severities run (± std across seeds); "
-              "extra: the 4 held-out corruptions.", "", md_table(*_wide(summary)), ""]  # fmt: skip
+    parts += [
+        "Top-1 accuracy in %. mean: the 15 benchmark corruptions x the severities run (± std across seeds); "
+        "extra: the 4 held-out corruptions.",
+        "",
+        md_table(*_wide(summary)),
+        "",
+    ]
     sev = sorted({int(k) for s in summary for k in s["per_severity"]})
     if sev:
-        body = [[_name(s, many), *(pct(s["per_severity"].get(str(k))) for k in sev), pct(s["mean_acc"])]
-                for s in summary]  # fmt: skip
-        parts += ["## Per severity (15 benchmark corruptions)", "",
-                  md_table(["method", *(f"s{k}" for k in sev), "mean"], body), ""]  # fmt: skip
+        body = [
+            [_name(s, many), *(pct(s["per_severity"].get(str(k))) for k in sev), pct(s["mean_acc"])] for s in summary
+        ]
+        parts += [
+            "## Per severity (15 benchmark corruptions)",
+            "",
+            md_table(["method", *(f"s{k}" for k in sev), "mean"], body),
+            "",
+        ]
     if any(s["mce"] is not None for s in summary):
         parts += [f"mCE normalised by {next(s['baseline'] for s in summary if s.get('baseline'))} errors.", ""]
     return "\n".join(parts)
@@ -163,8 +193,13 @@ def csv_text(header: list[str], body: list[list]) -> str:
     return buf.getvalue()
 
 
-def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baseline | None = None,
-                 plots: bool = True, loaded: Loaded | None = None) -> list[Path]:  # fmt: skip
+def write_report(
+    out: str | os.PathLike[str],
+    fmt: str = "md",
+    baseline: Baseline | None = None,
+    plots: bool = True,
+    loaded: Loaded | None = None,
+) -> list[Path]:
     """Regenerate the reports of a results folder from its ``results.jsonl``; returns the files written.
 
     ``json``: ``summary.json``; ``md``: also ``report.md`` and the PNG plots; ``csv``: also ``results.csv`` (tidy
@@ -185,16 +220,26 @@ def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baselin
         written.append(write_text(out / "report.md", text))
         written += [out / p for p in _PLOTS if (out / p).is_file() and plots]
     elif fmt == "csv":
-        keys = ["model", "method", "n", "seed", "corruption", "severity", "correct", "total", "accuracy", "seconds",
-                "adapt_on"]  # fmt: skip
-        written.append(write_text(out / "results.csv", csv_text(keys, [[r.get(k) for k in keys] for r in rows])))
-        clean = [CLEAN] if any(s["clean_acc"] is not None for s in summary) else []
-        present = clean + [c for c in (*COMMON, *EXTRA) if any(c in s["per_corruption"] for s in summary)]
-        header = ["model", "method", "n", *present, "mean_acc", "mean_acc_std", "mean_acc_extra", "mce"]
-        body = [[s["model"], s["method"], s["n"], *(s["clean_acc"] if c == CLEAN else s["per_corruption"].get(c)
-                 for c in present), s["mean_acc"], s["mean_acc_std"], s["mean_acc_extra"], s["mce"]]
-                for s in summary]  # fmt: skip
-        written.append(write_text(out / "table.csv", csv_text(header, body)))
+        written += _write_csv(out, summary, rows)
+    return written
+
+
+_ROW_COLUMNS = (*KEY_FIELDS, "correct", "total", "accuracy", "seconds", "adapt_on")  # results.csv
+_SUMMARY_COLUMNS = ("mean_acc", "mean_acc_std", "mean_acc_extra", "mce")  # table.csv, after the corruptions
+
+
+def _write_csv(out: Path, summary: list[dict], rows: list[dict]) -> list[Path]:
+    """``results.csv`` (the rows) and ``table.csv`` (one row per summary, one column per corruption present)."""
+    keys = list(_ROW_COLUMNS)
+    written = [write_text(out / "results.csv", csv_text(keys, [[r.get(k) for k in keys] for r in rows]))]
+    clean = [CLEAN] if any(s["clean_acc"] is not None for s in summary) else []
+    present = clean + [c for c in (*COMMON, *EXTRA) if any(c in s["per_corruption"] for s in summary)]
+    header = ["model", "method", "n", *present, *_SUMMARY_COLUMNS]
+    body = []
+    for s in summary:
+        accs = [s["clean_acc"] if c == CLEAN else s["per_corruption"].get(c) for c in present]
+        body.append([s["model"], s["method"], s["n"], *accs, *(s[k] for k in _SUMMARY_COLUMNS)])
+    written.append(write_text(out / "table.csv", csv_text(header, body)))
     return written
 
 
@@ -273,10 +318,12 @@ def _heatmap(plt, groups, names, rows):
     width = 1.5 + len(pairs) * (0.55 * len(sev) + 1.0)
     fig, axes = plt.subplots(1, len(pairs), figsize=(width, 0.3 * len(corr) + 1.5), squeeze=False)
     grids = [
-        [[100 * (cells[(c, s)] - src[(c, s)]) if (c, s) in cells and (c, s) in src else float("nan") for s in sev]
-         for c in corr]
+        [
+            [100 * (cells[(c, s)] - src[(c, s)]) if (c, s) in cells and (c, s) in src else float("nan") for s in sev]
+            for c in corr
+        ]
         for _, cells, src in pairs
-    ]  # fmt: skip
+    ]
     # One colour scale for every panel, so equal colours mean equal gains.
     lim = max((abs(v) for grid in grids for r in grid for v in r if v == v), default=1.0) or 1.0
     for i_ax, (ax, (g, _, _), grid) in enumerate(zip(axes[0], pairs, grids, strict=True)):
@@ -335,8 +382,8 @@ def _by_n(plt, groups, names, rows):
         ax.fill_between(ns, [min(m) for m in means], [max(m) for m in means], alpha=0.25)
     for (model, method, adapt_on), by_n in per_seed.items():
         if (model, method, adapt_on) not in sweeps and 0 in by_n:
-            ax.axhline(100 * statistics.mean(a for v in by_n[0].values() for a in v), ls="--", lw=1, label=method,
-                       color="gray")  # fmt: skip
+            unadapted = 100 * statistics.mean(a for v in by_n[0].values() for a in v)
+            ax.axhline(unadapted, ls="--", lw=1, label=method, color="gray")
     ax.set_xscale("log", base=2)
     ticks = sorted({n for by_n in sweeps.values() for n in by_n if n})
     ax.set_xticks(ticks, [str(n) for n in ticks])
