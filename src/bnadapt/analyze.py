@@ -472,7 +472,14 @@ def _write_outputs(
     lines += [f"![{analysis}]({analysis}.png)", ""] if plt is not None else []
     files.insert(0, write_text(root / f"{analysis}.md", "\n".join(lines)))
     files.insert(1, write_text(root / f"{analysis}.csv", _csv_table(tables.header, tables.body)))
-    record = {
+    record = _record(analysis, data, runs, n_layers, header, model)
+    files.append(write_text(root / "analysis.json", json.dumps(record, indent=2) + "\n"))
+    return AnalysisResult(files, tables.markdown[0])
+
+
+def _record(analysis: str, data: BenchData, runs: list[_Run], n_layers: int, header: dict, model: str) -> dict:
+    """The provenance in ``analysis.json``: the data, the runs' configurations, and the first run's environment."""
+    return {
         "analysis": analysis,
         "command": header.get("command"),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -488,8 +495,6 @@ def _write_outputs(
         "versions": header.get("versions"),
         "runs": {r.label: {k: v for k, v in asdict(r.config).items() if k in _RUN_FIELDS} for r in runs},
     }
-    files.append(write_text(root / "analysis.json", json.dumps(record, indent=2) + "\n"))
-    return AnalysisResult(files, tables.markdown[0])
 
 
 _RUN_FIELDS = ("methods", "ns", "seeds", "part", "first", "last", "adapt_on")
