@@ -30,6 +30,7 @@ from .metrics import ALEXNET, Baseline, mce
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "KEY_FIELDS",
     "RESULTS",
     "SUMMARY",
     "Journal",
