@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_text"]
 
 
 @contextmanager
@@ -39,3 +39,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); returns the path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> write_text(pathlib.Path(tempfile.mkdtemp()) / "out.md", "# done\\n").read_text()
+        '# done\\n'
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path

@@ -28,12 +28,12 @@ from typing import NamedTuple
 import numpy as np
 from torch import nn
 
-from ._io import atomic_path
-from .benchmark import BenchConfig, parse_cell, run_benchmark
+from ._io import write_text
+from .benchmark import BenchConfig, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
-from .report import ABBR, _cells_by_group, _csv, _pct, _table, _write, pyplot, save_figure
-from .results import RESULTS, read_results
+from .report import ABBR, csv_text, md_table, pct, pyplot, save_figure
+from .results import RESULTS, cells_by_group, read_results
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,23 @@ def run_analysis(
         raise ValueError(f"expected an analysis, one of {', '.join(ANALYSES)}; got {analysis!r}")
     if len(models) != 1:
         raise ValueError(f"expected one model to analyse, got {len(models)}; run one analysis per model")
-    _, model = next(iter(models.items()))
-    n_layers = len(bn_layers(model))
+    n_layers = len(bn_layers(next(iter(models.values()))))
     ks = _check(analysis, data, config, ks, n_layers)
     if data.limit is not None:  # recorded, so that a resume with another subset is refused rather than mixed
         config = replace(config, extra={**config.extra, "limit_per_cell": data.limit})
     runs = _plan(analysis, data, config, ks, n_layers)
     for run in runs:
         run.config.validate()
-    out = Path(out)
+    root = _root(Path(out), analysis, resume)
+    cells = _in_memory(data, max_bytes)
+    results = _run_all(models, cells, runs, root, command, resume, progress)
+    header = read_results(root / "runs" / runs[0].label)[0][-1]
+    return _write_outputs(analysis, root, data, results, runs, n_layers, header, plots)
+
+
+def _root(out: Path, analysis: str, resume: bool) -> Path:
+    """The analysis folder ``out/<analysis>``, refused (before anything is read) when it cannot be written or when it
+    holds finished runs and ``resume`` is off."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create it first")
     root = out / analysis
@@ -131,28 +139,40 @@ def run_analysis(
             f"expected an empty --out, got {root} with results of runs {', '.join(finished)}; pass --resume to skip "
             "their finished cells, or choose another --out"
         )
-    cells = _in_memory(data, max_bytes)
-    created = [p for p in (out, root, root / "runs") if not p.exists()]
+    return root
+
+
+def _run_all(
+    models: Mapping[str, nn.Module],
+    cells: BenchData,
+    runs: list[_Run],
+    root: Path,
+    command: Sequence[str] | None,
+    resume: bool,
+    progress: Progress | None,
+) -> dict[str, list[dict]]:
+    """Run each configuration into ``root/runs/<label>``; returns each run's rows, by label."""
+    created = [p for p in (root.parent, root, root / "runs") if not p.exists()]
     for p in created:
         p.mkdir()
+    n_cells = len(cells.cells)
     results: dict[str, list[dict]] = {}
-    asked = {(n, s) for n in config.ns for s in config.seeds}
     try:
         for i, run in enumerate(runs):
             step = None
             if progress is not None:
-                step = _step(progress, i * len(cells.cells), len(runs) * len(cells.cells), len(cells.cells), run.label)
-            rows = run_benchmark(models, cells, run.config, out=root / "runs" / run.label, command=command,
-                                 resume=resume, progress=step)  # fmt: skip
+                step = _step(progress, i * n_cells, len(runs) * n_cells, n_cells, run.label)
+            out = root / "runs" / run.label
+            rows = run_benchmark(models, cells, run.config, out=out, command=command, resume=resume, progress=step)
             # The folder may hold more (other seeds of an earlier run): the tables show what this call asked for.
+            asked = {(n, s) for n in run.config.ns for s in run.config.seeds}
             results[run.label] = [r for r in rows if r["seed"] is None or (r["n"], r["seed"]) in asked]
     except BaseException:
         for p in reversed(created):  # only what this call made and left empty: a refused run leaves nothing behind
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise
-    header = read_results(root / "runs" / runs[0].label)[0][-1]
-    return _write_outputs(analysis, root, data, results, runs, n_layers, header, plots)
+    return results
 
 
 def _check(analysis: str, data: BenchData, config: BenchConfig, ks: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -186,21 +206,19 @@ def _check(analysis: str, data: BenchData, config: BenchConfig, ks: Sequence[int
     return sorted(set(ks))
 
 
-def _cell_text(cell: Cell) -> str:
-    return CLEAN if cell[0] == CLEAN else f"{cell[0]}:{cell[1]}"
-
-
 def _plan(analysis: str, data: BenchData, config: BenchConfig, ks: list[int], n_layers: int) -> list[_Run]:
     """The benchmark runs an analysis is made of: one results folder each."""
     adapted = replace(config, methods=("replace",))
     with_source = replace(config, methods=("source", "replace"))
     if analysis == "transfer":
-        rows = [_Run(f"adapt-{_cell_text(c).replace(':', '-')}", replace(adapted, adapt_on=_cell_text(c)))
-                for c in data.cells]  # fmt: skip
+        rows = [_Run(f"adapt-{str(c).replace(':', '-')}", replace(adapted, adapt_on=str(c))) for c in data.cells]
         return [_Run("source", replace(config, methods=("source",))), *rows]
     if analysis == "parts":
-        return [_Run("both", with_source), _Run("mean", replace(adapted, part="mean")),
-                _Run("var", replace(adapted, part="var"))]  # fmt: skip
+        return [
+            _Run("both", with_source),
+            _Run("mean", replace(adapted, part="mean")),
+            _Run("var", replace(adapted, part="var")),
+        ]
     runs = [_Run("all", with_source)]
     for k in ks:
         if k < n_layers:  # k = all layers is the "all" run
@@ -235,7 +253,7 @@ def _in_memory(data: BenchData, max_bytes: int) -> BenchData:
 
 def _accs(rows: list[dict], method: str) -> dict[tuple, float]:
     """(corruption, severity) -> accuracy of ``method``, averaged over seeds."""
-    return next((cells for (_, m, _, _), cells in _cells_by_group(rows).items() if m == method), {})
+    return next((cells for (_, m, _, _), cells in cells_by_group(rows).items() if m == method), {})
 
 
 def _mean(rows: list[dict], method: str, cells: Iterable[Cell]) -> tuple[float, float | None] | None:
@@ -261,18 +279,18 @@ def _md(header: list[str], body: list[list], bold: set[tuple[int, int]] | None =
     bold = bold or set()
 
     def fmt(i: int, j: int, v) -> str:
-        text = _pct(*v) if isinstance(v, tuple) else _pct(v) if isinstance(v, float) or v is None else str(v)
+        text = pct(*v) if isinstance(v, tuple) else pct(v) if isinstance(v, float) or v is None else str(v)
         return f"**{text}**" if (i, j) in bold else text
 
-    return _table(header, [[fmt(i, j, v) for j, v in enumerate(r)] for i, r in enumerate(body)])
+    return md_table(header, [[fmt(i, j, v) for j, v in enumerate(r)] for i, r in enumerate(body)])
 
 
-def _csv_text(header: list[str], body: list[list]) -> str:
+def _csv_table(header: list[str], body: list[list]) -> str:
     def fmt(v):
         v = v[0] if isinstance(v, tuple) else v
         return round(v, 6) if isinstance(v, float) else v
 
-    return _csv(header, [[fmt(v) for v in r] for r in body])
+    return csv_text(header, [[fmt(v) for v in r] for r in body])
 
 
 # --- the three analyses' tables and plots ---------------------------------------------------------------------------
@@ -297,13 +315,15 @@ def _transfer(data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
     for i, run in enumerate(runs):
         method = "source" if run.config.adapt_on is None else "replace"
         rows = results[run.label]
-        label = "source (no adaptation)" if method == "source" else parse_cell(run.config.adapt_on)[0]
+        label = "source (no adaptation)" if method == "source" else Cell.parse(run.config.adapt_on).corruption
         body.append([label, *(_accs(rows, method).get(c) for c in cols), _mean(rows, method, corr)])
         if method == "replace":
-            bold.add((i, 1 + cols.index(parse_cell(run.config.adapt_on))))
-    notes = (f"Top-1 accuracy in %. Rows: the cell the n={runs[0].config.ns[0]} adaptation images are drawn from "
-             f"(replace); columns: the cell evaluated; corruptions at severity {corr[0][1]}. mean: over the corruption "
-             "columns (± std across seeds). Bold: adapted and evaluated on the same cell.")  # fmt: skip
+            bold.add((i, 1 + cols.index(Cell.parse(run.config.adapt_on))))
+    notes = (
+        f"Top-1 accuracy in %. Rows: the cell the n={runs[0].config.ns[0]} adaptation images are drawn from "
+        f"(replace); columns: the cell evaluated; corruptions at severity {corr[0][1]}. mean: over the corruption "
+        "columns (± std across seeds). Bold: adapted and evaluated on the same cell."
+    )
     md = _md(["adapt on \\ evaluate on", *(_short(c, True) for c in cols), "mean"], body, bold)
     header = ["adapt_on", *(c[0] for c in cols), "mean"]
 
@@ -319,8 +339,8 @@ def _transfer(data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
             im = ax.imshow(grid, aspect="auto", **kw)
             ax.set_xticks(range(len(cols)), [_short(c, True) for c in cols], rotation=90, fontsize=7)
             first = ax is axes[0][0]
-            ax.set_yticks(range(len(body)), [ABBR.get(r[0], r[0]).split(" ")[0] for r in body] if first else [],
-                          fontsize=7)  # fmt: skip
+            labels = [ABBR.get(r[0], r[0]).split(" ")[0] for r in body] if first else []
+            ax.set_yticks(range(len(body)), labels, fontsize=7)
             ax.set_xlabel("evaluated on")
             ax.set_ylabel("adapted on" if first else "")
             ax.set_title(title, fontsize=9)
@@ -338,17 +358,23 @@ PART_COLUMNS = ("source", "mean only", "var only", "both (replace)")
 
 
 def _parts(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_layers: int) -> _Tables:
-    sources = [(results["both"], "source"), (results["mean"], "replace"), (results["var"], "replace"),
-               (results["both"], "replace")]  # fmt: skip
+    sources = [
+        (results["both"], "source"),
+        (results["mean"], "replace"),
+        (results["var"], "replace"),
+        (results["both"], "replace"),
+    ]
     accs = [_accs(rows, m) for rows, m in sources]
     body: list[list] = [[c[0], c[1], *(a.get(c) for a in accs)] for c in data.cells]
     severities = sorted({s for _, s in _corrupted(data.cells)})
     for s in [*severities, *(["all"] if len(severities) > 1 else [])]:
         cells = _corrupted(data.cells, None if s == "all" else s)
         body.append(["mean", s, *(_mean(rows, m, cells) for rows, m in sources)])
-    notes = (f"Top-1 accuracy in %. Adaptation (replace, n={runs[0].config.ns[0]} images of the evaluated cell) of "
-             "the BN means only, the variances only, or both; the other statistic keeps its source value. "
-             "mean: over the corruptions (± std across seeds).")  # fmt: skip
+    notes = (
+        f"Top-1 accuracy in %. Adaptation (replace, n={runs[0].config.ns[0]} images of the evaluated cell) of "
+        "the BN means only, the variances only, or both; the other statistic keeps its source value. "
+        "mean: over the corruptions (± std across seeds)."
+    )
     header = ["corruption", "severity", *PART_COLUMNS]
 
     def plot(plt):
@@ -357,8 +383,10 @@ def _parts(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
             rows = [r for r in body if r[1] == s]
             x = np.arange(len(rows))
             for j, name in enumerate(PART_COLUMNS):
-                ys = [100 * (v[0] if isinstance(v, tuple) else v) if v is not None else np.nan for v in
-                      (r[2 + j] for r in rows)]  # fmt: skip
+                ys = [
+                    100 * (v[0] if isinstance(v, tuple) else v) if v is not None else np.nan
+                    for v in (r[2 + j] for r in rows)
+                ]
                 ax.bar(x + (j - 1.5) * 0.2, ys, 0.2, label=name)
             ax.set_xticks(x, [ABBR.get(r[0], r[0]) for r in rows], fontsize=7)
             ax.set_ylabel(f"accuracy (%), sev. {s}")
@@ -379,14 +407,16 @@ def _depth(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
     cols = list(data.cells)
     one = len({s for _, s in corr}) == 1
     body = [[name, k, *(_accs(rows, m).get(c) for c in cols), _mean(rows, m, corr)] for name, k, rows, m in variants]
-    header = ["variant", "k", *(_cell_text(c) for c in cols), "mean"]
+    header = ["variant", "k", *(str(c) for c in cols), "mean"]
     mean = {r[0]: r[-1] for r in body}
     summary = [["0 (source)", mean["source"], mean["source"]]]
     summary += [[str(k), mean[f"first-{k}"], mean[f"last-{k}"]] for k in ks]
     summary.append([f"all ({n_layers})", mean["all"], mean["all"]])
-    notes = (f"Top-1 accuracy in %, mean over the corruption cells (± std across seeds): replace (n="
-             f"{runs[0].config.ns[0]} images of the evaluated cell) applied to the first k or the last k of the "
-             f"model's {n_layers} BN layers (in forward order); the others keep their source statistics.")  # fmt: skip
+    notes = (
+        f"Top-1 accuracy in %, mean over the corruption cells (± std across seeds): replace (n="
+        f"{runs[0].config.ns[0]} images of the evaluated cell) applied to the first k or the last k of the "
+        f"model's {n_layers} BN layers (in forward order); the others keep their source statistics."
+    )
     detail = _md(["variant", "k", *(_short(c, one) for c in cols), "mean"], body)
 
     def plot(plt):
@@ -404,8 +434,16 @@ def _depth(data: BenchData, results: dict[str, list[dict]], runs: list[_Run], n_
     return _Tables(notes, [_md(["k (BN layers adapted)", "first k", "last k"], summary), detail], header, body, plot)
 
 
-def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str, list[dict]], runs: list[_Run],
-                   n_layers: int, header: dict, plots: bool) -> AnalysisResult:  # fmt: skip
+def _write_outputs(
+    analysis: str,
+    root: Path,
+    data: BenchData,
+    results: dict[str, list[dict]],
+    runs: list[_Run],
+    n_layers: int,
+    header: dict,
+    plots: bool,
+) -> AnalysisResult:
     """Write ``<analysis>.md``, ``.csv``, ``.png`` and ``analysis.json`` from the runs' results."""
     tables = {"transfer": _transfer, "parts": _parts, "depth": _depth}[analysis](data, results, runs, n_layers)
     files = []
@@ -415,17 +453,33 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
     config = runs[0].config
     model = next(iter(header.get("preprocessing") or {"?": None}))
     cmd = " ".join(header.get("command") or []) or "(library call)"
-    lines = [f"# bnadapt analyze {analysis}", "", f"- command: `{cmd}`", f"- model: {model} ({n_layers} BN layers)",
-             f"- data: `{data.spec}` (corruption seed {data.seed}"
-             + (f", {data.limit} images per cell)" if data.limit else ")"),
-             f"- adaptation: n={config.ns[0]}, seeds {', '.join(map(str, config.seeds))}",
-             f"- device: {header.get('device')}", f"- versions: {header.get('versions')}",
-             "- results: `runs/<label>/results.jsonl`, one `bnadapt bench` folder per configuration", "",
-             tables.notes, "", *(t + "\n" for t in tables.markdown)]  # fmt: skip
+    limit = f", {data.limit} images per cell" if data.limit else ""
+    lines = [
+        f"# bnadapt analyze {analysis}",
+        "",
+        f"- command: `{cmd}`",
+        f"- model: {model} ({n_layers} BN layers)",
+        f"- data: `{data.spec}` (corruption seed {data.seed}{limit})",
+        f"- adaptation: n={config.ns[0]}, seeds {', '.join(map(str, config.seeds))}",
+        f"- device: {header.get('device')}",
+        f"- versions: {header.get('versions')}",
+        "- results: `runs/<label>/results.jsonl`, one `bnadapt bench` folder per configuration",
+        "",
+        tables.notes,
+        "",
+        *(t + "\n" for t in tables.markdown),
+    ]
     lines += [f"![{analysis}]({analysis}.png)", ""] if plt is not None else []
-    files.insert(0, _write(root / f"{analysis}.md", "\n".join(lines)))
-    files.insert(1, _write(root / f"{analysis}.csv", _csv_text(tables.header, tables.body)))
-    record = {
+    files.insert(0, write_text(root / f"{analysis}.md", "\n".join(lines)))
+    files.insert(1, write_text(root / f"{analysis}.csv", _csv_table(tables.header, tables.body)))
+    record = _record(analysis, data, runs, n_layers, header, model)
+    files.append(write_text(root / "analysis.json", json.dumps(record, indent=2) + "\n"))
+    return AnalysisResult(files, tables.markdown[0])
+
+
+def _record(analysis: str, data: BenchData, runs: list[_Run], n_layers: int, header: dict, model: str) -> dict:
+    """The provenance in ``analysis.json``: the data, the runs' configurations, and the first run's environment."""
+    return {
         "analysis": analysis,
         "command": header.get("command"),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -435,17 +489,12 @@ def _write_outputs(analysis: str, root: Path, data: BenchData, results: dict[str
             "spec": str(data.spec),
             "corrupt_seed": data.seed,
             "limit_per_cell": data.limit,
-            "cells": [_cell_text(c) for c in data.cells],
-        },  # fmt: skip
+            "cells": [str(c) for c in data.cells],
+        },
         "device": header.get("device"),
         "versions": header.get("versions"),
         "runs": {r.label: {k: v for k, v in asdict(r.config).items() if k in _RUN_FIELDS} for r in runs},
     }
-    path = root / "analysis.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-    files.append(path)
-    return AnalysisResult(files, tables.markdown[0])
 
 
 _RUN_FIELDS = ("methods", "ns", "seeds", "part", "first", "last", "adapt_on")

@@ -34,8 +34,15 @@ _VERSION = 4  # bump when the network or its training changes, so stale caches a
 
 METHODS = ("source", "replace", "prior")
 # Files the demo writes into its output folder (and replaces on a rerun); nothing else there is touched.
-_OUTPUTS = ("digits_test.npz", "results.jsonl", "summary.json", "report.md", "gain_heatmap.png",
-            "acc_vs_severity.png", "acc_vs_n.png")  # fmt: skip
+_OUTPUTS = (
+    "digits_test.npz",
+    "results.jsonl",
+    "summary.json",
+    "report.md",
+    "gain_heatmap.png",
+    "acc_vs_severity.png",
+    "acc_vs_n.png",
+)
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,15 @@ def digits_cnn() -> Classifier:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     net = nn.Sequential(
-        *stage(1, 16), nn.MaxPool2d(2), *stage(16, 32), nn.MaxPool2d(2), *stage(32, 64),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
-    )  # fmt: skip
+        *stage(1, 16),
+        nn.MaxPool2d(2),
+        *stage(16, 32),
+        nn.MaxPool2d(2),
+        *stage(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
     return Classifier(net, mean=(0.5,), std=(0.5,), preprocessing={"input_size": [1, _SIZE, _SIZE]})
 
 

@@ -17,8 +17,15 @@ from torch import nn
 __all__ = ["EfficientNetLite", "LITE0_STAGES"]
 
 # (kernel, stride, expand ratio, output channels, repeats): the seven MBConv stages of EfficientNet-B0.
-LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
-                (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))  # fmt: skip
+LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 
 # TF's BatchNormalization defaults used in training: epsilon 1e-3, decay 0.99 (torch momentum = 1 - decay).
 _BN = {"eps": 1e-3, "momentum": 0.01}

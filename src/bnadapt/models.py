@@ -14,8 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Normalize", "Classifier", "load_model", "load_checkpoint_into", "model_names", "cifar_resnet",
-           "efficientnet_lite0"]  # fmt: skip
+__all__ = [
+    "Normalize",
+    "Classifier",
+    "load_model",
+    "load_checkpoint_into",
+    "model_names",
+    "cifar_resnet",
+    "efficientnet_lite0",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,8 +116,13 @@ class CifarResNet(nn.Module):
         return self.linear(out.mean(dim=(2, 3)))
 
 
-_CIFAR_DEPTHS = {"cifar10_resnet20": 20, "cifar10_resnet32": 32, "cifar10_resnet44": 44, "cifar10_resnet56": 56,
-                 "cifar10_resnet110": 110}  # fmt: skip
+_CIFAR_DEPTHS = {
+    "cifar10_resnet20": 20,
+    "cifar10_resnet32": 32,
+    "cifar10_resnet44": 44,
+    "cifar10_resnet56": 56,
+    "cifar10_resnet110": 110,
+}
 _WEIGHTS_ENV = "BNADAPT_WEIGHTS_DIR"
 
 
@@ -189,8 +201,13 @@ def efficientnet_lite0(num_classes: int = 1000) -> Classifier:
     from .efficientnet import EfficientNetLite
 
     # The ImageNet-C protocol: shorter side to 256 (bilinear, antialiased as PIL), centre crop 224.
-    prep = {"input_size": [3, 224, 224], "resize": 256, "crop": 224, "interpolation": "bilinear",
-            "scaling": "(x*255 - 127) / 128"}  # fmt: skip
+    prep = {
+        "input_size": [3, 224, 224],
+        "resize": 256,
+        "crop": 224,
+        "interpolation": "bilinear",
+        "scaling": "(x*255 - 127) / 128",
+    }
     return Classifier(EfficientNetLite(num_classes), _LITE0_MEAN, _LITE0_STD, prep)
 
 
@@ -365,6 +382,9 @@ def _timm_model(arch: str, weights: str | None, num_classes: int | None) -> Clas
             "pass --checkpoint PATH"
         ) from None
     cfg = net.pretrained_cfg
-    prep = {"input_size": list(cfg.get("input_size", (3, 224, 224))), "crop_pct": cfg.get("crop_pct"),
-            "interpolation": cfg.get("interpolation")}  # fmt: skip
+    prep = {
+        "input_size": list(cfg.get("input_size", (3, 224, 224))),
+        "crop_pct": cfg.get("crop_pct"),
+        "interpolation": cfg.get("interpolation"),
+    }
     return Classifier(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), prep)

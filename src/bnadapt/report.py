@@ -16,22 +16,51 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from ._io import atomic_path
+from ._io import atomic_path, write_text
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
 from .metrics import Baseline
-from .results import read_results, summarize, write_summary
+from .results import KEY_FIELDS, cells_by_group, read_results, summarize, write_summary
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "Loaded", "build_summary", "markdown", "write_plots", "write_report"]
+__all__ = [
+    "ABBR",
+    "FORMATS",
+    "Loaded",
+    "build_summary",
+    "csv_text",
+    "markdown",
+    "md_table",
+    "pct",
+    "pyplot",
+    "save_figure",
+    "write_plots",
+    "write_report",
+]
 
 FORMATS = ("md", "csv", "json")
-ABBR = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
-        "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
-        "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast", "pixelate": "pixel",
-        "jpeg_compression": "jpeg", "speckle_noise": "speck", "gaussian_blur": "gblur", "spatter": "spatt",
-        "saturate": "satur"}  # fmt: skip
+ABBR = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impul",
+    "defocus_blur": "defoc",
+    "glass_blur": "glass",
+    "motion_blur": "motn",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "brit",
+    "contrast": "contr",
+    "elastic_transform": "elast",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+    "speckle_noise": "speck",
+    "gaussian_blur": "gblur",
+    "spatter": "spatt",
+    "saturate": "satur",
+}
 
 
 class Loaded(NamedTuple):
@@ -63,15 +92,29 @@ def _name(s: dict, many_models: bool) -> str:
     return f"{s['model']} {label}" if many_models else label
 
 
-def _pct(v: float | None, std: float | None = None) -> str:
+def pct(v: float | None, std: float | None = None) -> str:
+    """A fraction as a percentage with one decimal, ``± std`` when a (non-zero) std is given; ``-`` for None.
+
+    Example:
+        >>> pct(0.6854), pct(0.5, 0.007), pct(None)
+        ('68.5', '50.0 ± 0.7', '-')
+    """
     if v is None:
         return "-"
     return f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-             + "|"]  # fmt: skip
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table of text cells: the first column left-aligned (labels), the others right-aligned (numbers).
+
+    Example:
+        >>> print(md_table(["method", "fog"], [["source", "50.0"]]))
+        | method | fog |
+        |---|---:|
+        | source | 50.0 |
+    """
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in body)])
 
 
@@ -87,11 +130,11 @@ def _wide(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     header += ["mCE", "rel. mCE"] if mce else []
     body = []
     for s in summary:
-        row = [_name(s, many), *([_pct(s["clean_acc"])] if clean else [])]
-        row += [_pct(s["per_corruption"].get(c)) for c in [*corr, *others]]
-        row.append(_pct(s["mean_acc"], s["mean_acc_std"]))
-        row += [_pct(s["mean_acc_extra"])] if "extra" in header else []
-        row += [_pct(s["mce"]), _pct(s["relative_mce"])] if mce else []
+        row = [_name(s, many), *([pct(s["clean_acc"])] if clean else [])]
+        row += [pct(s["per_corruption"].get(c)) for c in [*corr, *others]]
+        row.append(pct(s["mean_acc"], s["mean_acc_std"]))
+        row += [pct(s["mean_acc_extra"])] if "extra" in header else []
+        row += [pct(s["mce"]), pct(s["relative_mce"])] if mce else []
         body.append(row)
     return header, body
 
@@ -103,26 +146,46 @@ def markdown(summary: list[dict], headers: list[dict]) -> str:
     h = headers[-1] if headers else {}
     if h:
         cmd = " ".join(h.get("command") or []) or "(library call)"
-        parts += [f"- command: `{cmd}`", f"- data: `{(h.get('data') or {}).get('spec')}`",
-                  f"- device: {h.get('device')}", f"- versions: {h.get('versions')}",
-                  f"- preprocessing: {h.get('preprocessing')}"]  # fmt: skip
+        parts += [
+            f"- command: `{cmd}`",
+            f"- data: `{(h.get('data') or {}).get('spec')}`",
+            f"- device: {h.get('device')}",
+            f"- versions: {h.get('versions')}",
+            f"- preprocessing: {h.get('preprocessing')}",
+        ]
         if len(headers) > 1:
             parts.append(f"- runs appended to this folder: {len(headers)} (the first: {headers[0].get('time')})")
         parts.append("")
-    parts += ["Top-1 accuracy in %. mean: the 15 benchmark corruptions x the severities run (± std across seeds); "
-              "extra: the 4 held-out corruptions.", "", _table(*_wide(summary)), ""]  # fmt: skip
+    parts += [
+        "Top-1 accuracy in %. mean: the 15 benchmark corruptions x the severities run (± std across seeds); "
+        "extra: the 4 held-out corruptions.",
+        "",
+        md_table(*_wide(summary)),
+        "",
+    ]
     sev = sorted({int(k) for s in summary for k in s["per_severity"]})
     if sev:
-        body = [[_name(s, many), *(_pct(s["per_severity"].get(str(k))) for k in sev), _pct(s["mean_acc"])]
-                for s in summary]  # fmt: skip
-        parts += ["## Per severity (15 benchmark corruptions)", "",
-                  _table(["method", *(f"s{k}" for k in sev), "mean"], body), ""]  # fmt: skip
+        body = [
+            [_name(s, many), *(pct(s["per_severity"].get(str(k))) for k in sev), pct(s["mean_acc"])] for s in summary
+        ]
+        parts += [
+            "## Per severity (15 benchmark corruptions)",
+            "",
+            md_table(["method", *(f"s{k}" for k in sev), "mean"], body),
+            "",
+        ]
     if any(s["mce"] is not None for s in summary):
         parts += [f"mCE normalised by {next(s['baseline'] for s in summary if s.get('baseline'))} errors.", ""]
     return "\n".join(parts)
 
 
-def _csv(header: list[str], body: list[list]) -> str:
+def csv_text(header: list[str], body: list[list]) -> str:
+    """CSV text (``\\n`` line ends) of a header row and body rows; None is written as an empty field.
+
+    Example:
+        >>> csv_text(["method", "fog"], [["source", 0.5], ["replace", None]])
+        'method,fog\\nsource,0.5\\nreplace,\\n'
+    """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -130,14 +193,13 @@ def _csv(header: list[str], body: list[list]) -> str:
     return buf.getvalue()
 
 
-def _write(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
-
-
-def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baseline | None = None,
-                 plots: bool = True, loaded: Loaded | None = None) -> list[Path]:  # fmt: skip
+def write_report(
+    out: str | os.PathLike[str],
+    fmt: str = "md",
+    baseline: Baseline | None = None,
+    plots: bool = True,
+    loaded: Loaded | None = None,
+) -> list[Path]:
     """Regenerate the reports of a results folder from its ``results.jsonl``; returns the files written.
 
     ``json``: ``summary.json``; ``md``: also ``report.md`` and the PNG plots; ``csv``: also ``results.csv`` (tidy
@@ -154,19 +216,30 @@ def write_report(out: str | os.PathLike[str], fmt: str = "md", baseline: Baselin
     headers, summary, rows = loaded or build_summary(out, baseline)
     written = [write_summary(out, summary)]
     if fmt == "md":
-        written.append(_write(out / "report.md", markdown(summary, headers) + _plot_section(out, summary, rows, plots)))
+        text = markdown(summary, headers) + _plot_section(out, summary, rows, plots)
+        written.append(write_text(out / "report.md", text))
         written += [out / p for p in _PLOTS if (out / p).is_file() and plots]
     elif fmt == "csv":
-        keys = ["model", "method", "n", "seed", "corruption", "severity", "correct", "total", "accuracy", "seconds",
-                "adapt_on"]  # fmt: skip
-        written.append(_write(out / "results.csv", _csv(keys, [[r.get(k) for k in keys] for r in rows])))
-        clean = [CLEAN] if any(s["clean_acc"] is not None for s in summary) else []
-        present = clean + [c for c in (*COMMON, *EXTRA) if any(c in s["per_corruption"] for s in summary)]
-        header = ["model", "method", "n", *present, "mean_acc", "mean_acc_std", "mean_acc_extra", "mce"]
-        body = [[s["model"], s["method"], s["n"], *(s["clean_acc"] if c == CLEAN else s["per_corruption"].get(c)
-                 for c in present), s["mean_acc"], s["mean_acc_std"], s["mean_acc_extra"], s["mce"]]
-                for s in summary]  # fmt: skip
-        written.append(_write(out / "table.csv", _csv(header, body)))
+        written += _write_csv(out, summary, rows)
+    return written
+
+
+_ROW_COLUMNS = (*KEY_FIELDS, "correct", "total", "accuracy", "seconds", "adapt_on")  # results.csv
+_SUMMARY_COLUMNS = ("mean_acc", "mean_acc_std", "mean_acc_extra", "mce")  # table.csv, after the corruptions
+
+
+def _write_csv(out: Path, summary: list[dict], rows: list[dict]) -> list[Path]:
+    """``results.csv`` (the rows) and ``table.csv`` (one row per summary, one column per corruption present)."""
+    keys = list(_ROW_COLUMNS)
+    written = [write_text(out / "results.csv", csv_text(keys, [[r.get(k) for k in keys] for r in rows]))]
+    clean = [CLEAN] if any(s["clean_acc"] is not None for s in summary) else []
+    present = clean + [c for c in (*COMMON, *EXTRA) if any(c in s["per_corruption"] for s in summary)]
+    header = ["model", "method", "n", *present, *_SUMMARY_COLUMNS]
+    body = []
+    for s in summary:
+        accs = [s["clean_acc"] if c == CLEAN else s["per_corruption"].get(c) for c in present]
+        body.append([s["model"], s["method"], s["n"], *accs, *(s[k] for k in _SUMMARY_COLUMNS)])
+    written.append(write_text(out / "table.csv", csv_text(header, body)))
     return written
 
 
@@ -178,16 +251,6 @@ def _plot_section(out: Path, summary: list[dict], rows: list[dict], plots: bool)
     if not made:
         return ""
     return "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n"
-
-
-def _cells_by_group(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
-    """(model, method, n, adapt_on) -> (corruption, severity) -> accuracy averaged over seeds."""
-    acc: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        acc[(r.get("model"), r["method"], r["n"], r.get("adapt_on"))][(r["corruption"], r["severity"])].append(
-            r["accuracy"]
-        )
-    return {g: {c: sum(v) / len(v) for c, v in cells.items()} for g, cells in acc.items()}
 
 
 def pyplot():
@@ -208,7 +271,13 @@ def pyplot():
 
 
 def save_figure(plt, fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically and close it."""
+    """Write ``fig`` as a PNG at ``path`` atomically and close it; returns the path.
+
+    Example:
+        >>> plt = pyplot()  # doctest: +SKIP
+        >>> save_figure(plt, plt.figure(), Path("runs/r20/plot.png"))  # doctest: +SKIP
+        PosixPath('runs/r20/plot.png')
+    """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -222,7 +291,7 @@ def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dic
         return []
     out = Path(out)
     made = []
-    groups = _cells_by_group(rows)
+    groups = cells_by_group(rows)
     many = len({s["model"] for s in summary}) > 1
     names = {(s["model"], s["method"], s["n"], s.get("adapt_on")): _name(s, many) for s in summary}
     for fn in (_heatmap, _by_severity, _by_n):
@@ -249,10 +318,12 @@ def _heatmap(plt, groups, names, rows):
     width = 1.5 + len(pairs) * (0.55 * len(sev) + 1.0)
     fig, axes = plt.subplots(1, len(pairs), figsize=(width, 0.3 * len(corr) + 1.5), squeeze=False)
     grids = [
-        [[100 * (cells[(c, s)] - src[(c, s)]) if (c, s) in cells and (c, s) in src else float("nan") for s in sev]
-         for c in corr]
+        [
+            [100 * (cells[(c, s)] - src[(c, s)]) if (c, s) in cells and (c, s) in src else float("nan") for s in sev]
+            for c in corr
+        ]
         for _, cells, src in pairs
-    ]  # fmt: skip
+    ]
     # One colour scale for every panel, so equal colours mean equal gains.
     lim = max((abs(v) for grid in grids for r in grid for v in r if v == v), default=1.0) or 1.0
     for i_ax, (ax, (g, _, _), grid) in enumerate(zip(axes[0], pairs, grids, strict=True)):
@@ -311,8 +382,8 @@ def _by_n(plt, groups, names, rows):
         ax.fill_between(ns, [min(m) for m in means], [max(m) for m in means], alpha=0.25)
     for (model, method, adapt_on), by_n in per_seed.items():
         if (model, method, adapt_on) not in sweeps and 0 in by_n:
-            ax.axhline(100 * statistics.mean(a for v in by_n[0].values() for a in v), ls="--", lw=1, label=method,
-                       color="gray")  # fmt: skip
+            unadapted = 100 * statistics.mean(a for v in by_n[0].values() for a in v)
+            ax.axhline(unadapted, ls="--", lw=1, label=method, color="gray")
     ax.set_xscale("log", base=2)
     ticks = sorted({n for by_n in sweeps.values() for n in by_n if n})
     ax.set_xticks(ticks, [str(n) for n in ticks])

@@ -22,13 +22,25 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from ._io import write_text
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
 from .metrics import ALEXNET, Baseline, mce
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESULTS", "SUMMARY", "Journal", "OutOfSpaceError", "read_results", "row_key", "summarize", "write_summary"]
+__all__ = [
+    "KEY_FIELDS",
+    "RESULTS",
+    "SUMMARY",
+    "Journal",
+    "OutOfSpaceError",
+    "cells_by_group",
+    "read_results",
+    "row_key",
+    "summarize",
+    "write_summary",
+]
 
 RESULTS = "results.jsonl"
 LOCK = ".bnadapt.lock"
@@ -54,7 +66,8 @@ def read_results(path: str | os.PathLike[str]) -> tuple[list[dict], list[dict]]:
     Example:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
-        >>> _ = (d / RESULTS).write_text('{"header": {"command": []}}\\n{"accuracy": 0.5}\\n{"accur')
+        >>> row = '{"method": "source", "n": 0, "seed": null, "corruption": "fog", "severity": 1, "accuracy": 0.5}'
+        >>> _ = (d / RESULTS).write_text('{"header": {"command": []}}\\n' + row + '\\n{"accur')
         >>> [len(part) for part in read_results(d)]
         [1, 1]
     """
@@ -243,6 +256,21 @@ def _group_key(row: dict) -> tuple:
     return (row.get("model"), row["method"], row["n"], row.get("adapt_on"))
 
 
+def cells_by_group(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
+    """(model, method, n, adapt_on) -> (corruption, severity) -> accuracy averaged over seeds, in first-seen order.
+
+    Example:
+        >>> rows = [{"model": "m", "method": "replace", "n": 8, "seed": seed, "corruption": "fog", "severity": 3,
+        ...          "accuracy": a} for seed, a in ((0, 0.5), (1, 0.7))]
+        >>> cells_by_group(rows)
+        {('m', 'replace', 8, None): {('fog', 3): 0.6}}
+    """
+    acc: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        acc[_group_key(r)][(r["corruption"], r["severity"])].append(r["accuracy"])
+    return {g: {c: sum(v) / len(v) for c, v in cells.items()} for g, cells in acc.items()}
+
+
 def summarize(rows: list[dict], baseline: Baseline | None = None, imagenet: bool = False) -> list[dict]:
     """One summary object per (model, method, n[, adapt_on]), in first-seen order.
 
@@ -312,9 +340,4 @@ def _summary(key: tuple, rows: list[dict], baseline: Baseline | None) -> dict:
 
 def write_summary(out: str | os.PathLike[str], summary: list[dict]) -> Path:
     """Write ``summary.json`` atomically into the folder ``out``; returns its path."""
-    from ._io import atomic_path
-
-    path = Path(out) / SUMMARY
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
+    return write_text(Path(out) / SUMMARY, json.dumps(summary, indent=2) + "\n")
