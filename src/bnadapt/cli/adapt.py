@@ -1,0 +1,189 @@
+"""``bnadapt adapt`` (save a model adapted to target images) and ``bnadapt corrupt`` (write a corrupted dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .args import (
+    add_follow_links_arg,
+    add_model_args,
+    add_option_arg,
+    advance,
+    expand_corruptions,
+    positive_int,
+    progress_bar,
+    severities,
+)
+
+__all__ = ["add_adapt_parser", "add_corrupt_parser", "cmd_adapt", "cmd_corrupt"]
+
+
+def add_adapt_parser(sub) -> None:
+    """Add ``adapt`` to the ``bnadapt`` subparsers ``sub``."""
+    p = sub.add_parser("adapt", help="adapt a model's BN statistics to unlabeled target images and save it")
+    add_model_args(p)
+    p.add_argument("--images", required=True, type=Path, help="image folder, or .npz/.npy of uint8 NHWC images")
+    _add_adaptation_args(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output: .pt (adapted checkpoint) or .safetensors (BN statistics only)",
+    )
+    add_follow_links_arg(p)
+
+
+def _add_adaptation_args(p: argparse.ArgumentParser) -> None:
+    from ..adapt import method_names
+
+    g = p.add_argument_group("adaptation")
+    g.add_argument(
+        "--method",
+        default="replace",
+        choices=method_names(),
+        metavar="NAME",
+        help=f"one of {', '.join(method_names())} (default: replace)",
+    )
+    g.add_argument("--n", type=positive_int, default=32, help="adaptation images drawn from the input (default: 32)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    g.add_argument("--prior", type=float, default=16.0, help="prior strength N for --method prior (default: 16)")
+    g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
+    g.add_argument("--layers", nargs="+", metavar="PATTERN", help="adapt only BN layers matching these globs")
+    depth = g.add_mutually_exclusive_group()
+    depth.add_argument("--first", type=positive_int, metavar="K", help="adapt only the first K BN layers")
+    depth.add_argument("--last", type=positive_int, metavar="K", help="adapt only the last K BN layers")
+    add_option_arg(g)
+    g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="micro-batch size (default: 256)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_corrupt_parser(sub) -> None:
+    """Add ``corrupt`` to the ``bnadapt`` subparsers ``sub``."""
+    p = sub.add_parser("corrupt", help="write a corrupted copy of a dataset in the CIFAR-10-C or ImageNet-C layout")
+    p.add_argument("--input", required=True, type=Path, help=".npz with x (N,H,W,3) uint8 and y, or a class folder")
+    p.add_argument("--profile", required=True, choices=("cifar", "imagenet"), help="severity constants to use")
+    p.add_argument("--format", required=True, choices=("cifar-c", "imagenet-c"), help="output layout")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created if its parent exists)")
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        metavar="NAME",
+        help="names, or a subset: common, extra, all, noise, blur, weather, digital (default: all 19)",
+    )
+    p.add_argument("--severities", type=severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    p.add_argument("-j", "--jobs", type=positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--no-resize", action="store_true", help="imagenet-c: skip the resize 256 + centre crop 224")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
+    p.add_argument("--force", action="store_true", help="write into a folder made with other options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_follow_links_arg(p)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Run ``bnadapt adapt``: adapt --model on --images and save it (or its BN statistics) to --out."""
+    import torch
+
+    from .._io import atomic_path
+    from ..adapt import adapt, is_online, parse_options
+    from ..bn import BNStats, bn_layers
+    from ..data import read_images
+    from ..models import load_model
+
+    out: Path = args.out
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
+        raise ValueError(f"expected --out to end in .pt, .pth or .safetensors, got {out.name!r}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"expected an existing directory for --out, got none at {out.parent}; create it first")
+    if is_online(args.method):
+        raise ValueError(
+            f"expected a method that produces fixed statistics to save, got {args.method!r}, which adapts while it "
+            "runs; use it from the library (bnadapt.adapt) or in bnadapt bench"
+        )
+    options = parse_options([args.method], args.opt)
+    model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint)
+    x, _ = read_images(args.images)
+    t0 = time.perf_counter()
+    try:
+        adapted = adapt(
+            model.to(args.device),
+            x,
+            method=args.method,
+            n=args.n,
+            seed=args.seed,
+            prior=args.prior,
+            part=args.part,
+            layers=args.layers,
+            first=args.first,
+            last=args.last,
+            batch_size=args.batch_size,
+            options=options,
+        )
+    except RuntimeError as e:  # the network could not run on these images (size, channels)
+        raise ValueError(
+            f"expected images the model can take, got {tuple(x.shape[1:])} (H, W, C) that it could not run on: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    layers = [n for n, _ in bn_layers(adapted)]
+    meta = {
+        "method": args.method,
+        "n": str(args.n),
+        "seed": str(args.seed),
+        "model": args.model,
+        "images": str(args.images),
+    }
+    if args.method == "prior":
+        meta["prior"] = str(args.prior)
+    meta.update({f"option.{k}": str(v) for k, v in options.items()})
+    if out.suffix == ".safetensors":
+        stats = BNStats.from_model(adapted)
+        stats.metadata.update(meta)
+        stats.save(out)
+    else:
+        net = getattr(adapted, "net", adapted)
+        with atomic_path(out) as tmp:
+            torch.save({"state_dict": net.state_dict(), "bnadapt": meta}, tmp)
+    print(
+        f"adapted {len(layers)} BN layers of {args.model} with {args.method} on {min(args.n, len(x))} of {len(x)} "
+        f"images (seed {args.seed}) in {time.perf_counter() - t0:.1f}s -> {out}"
+    )
+    return 0
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    """Run ``bnadapt corrupt``: write --input's images corrupted, in the --format layout, to --out."""
+    from ..corruptions.export import export_corrupted
+
+    names = expand_corruptions(args.corruptions)
+    t0 = time.perf_counter()
+    bar = progress_bar(0, not args.no_progress, "img")
+
+    def progress(step: int, total: int) -> None:
+        advance(bar, step, total)
+
+    try:
+        done = export_corrupted(
+            args.input,
+            args.out,
+            args.format,
+            args.profile,
+            names,
+            args.severities,
+            args.seed,
+            args.jobs,
+            resize=not args.no_resize,
+            skip_bad=args.skip_bad,
+            force=args.force,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    kind = "files" if args.format == "cifar-c" else "cells"
+    n_images = (bar.total or 0) // max(1, len(names) * len(args.severities))
+    print(
+        f"wrote {len(done)} {kind} ({len(names)} corruptions x {len(args.severities)} severities of {n_images} "
+        f"images) to {args.out} in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0

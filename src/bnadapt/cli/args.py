@@ -1,0 +1,261 @@
+"""What several ``bnadapt`` subcommands share: the parser class, argument types, flag groups and progress bars.
+
+Each flag group is defined here once, so that ``bench``, ``sweep``, ``analyze``, ``adapt`` and ``bank build``
+spell the same flag the same way. Help texts that differ between subcommands are chosen by a parameter rather
+than by a second copy of the group.
+
+Example:
+    >>> p = Parser(prog="demo")
+    >>> add_seeds_arg(p)
+    >>> p.parse_args(["--seeds", "0-2"]).seeds
+    (0, 1, 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import EXIT_USAGE
+
+__all__ = [
+    "Parser",
+    "add_bench_data_args",
+    "add_follow_links_arg",
+    "add_model_args",
+    "add_option_arg",
+    "add_run_args",
+    "add_seeds_arg",
+    "advance",
+    "expand_corruptions",
+    "int_list",
+    "name_list",
+    "positive_int",
+    "progress_bar",
+    "severities",
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line and exit code 2, like every other user error.
+
+    Example:
+        >>> Parser(prog="bnadapt").parse_args(["--nope"])  # doctest: +SKIP
+        bnadapt: error: unrecognized arguments: --nope
+    """
+
+    def error(self, message: str) -> None:
+        # argparse prints the whole usage first; a one-line message matches the library's user errors.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """Argument type: an integer of at least 1.
+
+    Example:
+        >>> positive_int("3")
+        3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def severities(text: str) -> tuple[int, ...]:
+    """Argument type: severities within 1..5, as a list or a range.
+
+    Example:
+        >>> severities("1,3,5"), severities("2-4")
+        ((1, 3, 5), (2, 3, 4))
+    """
+    values = int_list(text)
+    if any(not 1 <= v <= 5 for v in values):
+        raise argparse.ArgumentTypeError(f"expected severities within 1..5, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """Argument type: ``"1,2,4"`` or a range ``"0-4"`` -> a tuple of non-negative integers.
+
+    Example:
+        >>> int_list("1,2,4"), int_list("0-2")
+        ((1, 2, 4), (0, 1, 2))
+    """
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4 or a range like 0-4, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers like 1,2,4 or 0-4, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """Argument type: a comma list of names, blanks dropped.
+
+    Example:
+        >>> name_list("source, replace,")
+        ('source', 'replace')
+    """
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def expand_corruptions(items: Sequence[str] | None) -> list[str]:
+    """--corruptions (names or groups such as common; default all 19) as a list of names without repeats.
+
+    Example:
+        >>> expand_corruptions(["fog", "weather"])
+        ['fog', 'snow', 'frost', 'brightness']
+    """
+    from ..corruptions import GROUPS
+
+    names: list[str] = []
+    for item in items or ["all"]:
+        names.extend(GROUPS.get(item, (item,)))
+    return list(dict.fromkeys(names))
+
+
+def progress_bar(total: int, enabled: bool, unit: str):
+    """A tqdm bar on a terminal (and when not disabled), else a no-op with the same update()/close() calls."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
+
+
+def advance(bar, step: int, total: int) -> None:
+    """Move a progress bar by ``step``, first adopting ``total`` (known only once the work has started)."""
+    if bar.total != total:
+        bar.total = total
+        bar.refresh()
+    bar.update(step)
+
+
+def add_option_arg(g) -> None:
+    """``--opt KEY=VALUE`` (repeatable), a method's own option, on a parser or argument group ``g``."""
+    g.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method's own option, repeatable (e.g. --opt lr=0.001 for tent; see the methods' docs)",
+    )
+
+
+def add_follow_links_arg(p: argparse.ArgumentParser) -> None:
+    """``--follow-links``, for the subcommands that read an input folder; added last, so it ends their usage."""
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read symlinked files and folders that point outside the input folder (skipped by default)",
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """The ``model`` group: --model, --checkpoint, --weights, --trust-checkpoint.
+
+    ``many=True`` (bench, sweep, analyze) takes one or more --model names; ``adapt`` and ``bank build`` take one.
+    """
+    g = p.add_argument_group("model")
+    if many:
+        g.add_argument(
+            "--model",
+            required=True,
+            nargs="+",
+            metavar="NAME",
+            help="one or more of cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>",
+        )
+        g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (one model only)")
+    else:
+        g.add_argument(
+            "--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>"
+        )
+        g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (.pt/.pth/.th)")
+    g.add_argument("--weights", help="torchvision weights enum (e.g. IMAGENET1K_V1), from the local cache only")
+    trusted = "trusted files" if many else "trusted files only"
+    g.add_argument("--trust-checkpoint", action="store_true", help=f"allow unpickling Python objects ({trusted})")
+
+
+def add_bench_data_args(p: argparse.ArgumentParser, default_severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
+    """The ``model`` and ``data`` groups of bench, sweep and analyze; ``--severities`` defaults to the given ones."""
+    add_model_args(p, many=True)
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="cifar-c:DIR, imagenet-c:DIR, folder:DIR, npz:FILE or "
+        "generate:<cifar|imagenet>:<npz|DIR> (clean images corrupted on the fly)",
+    )
+    g.add_argument("--clean", type=Path, help="clean .npz or class folder to evaluate too (cifar-c/imagenet-c data)")
+    g.add_argument(
+        "--corruptions",
+        nargs="+",
+        metavar="NAME",
+        help="names, or common, extra, all, noise, blur, weather, digital (default: all 19)",
+    )
+    g.add_argument(
+        "--severities",
+        "--severity",
+        dest="severities",
+        type=severities,
+        default=default_severities,
+        help=f"e.g. 1-5 or 1,3,5 (default: {','.join(map(str, default_severities))})",
+    )
+    g.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
+    g.add_argument("--allow-partial", action="store_true", help="run the cells the data has, skip missing ones")
+    g.add_argument(
+        "--release-jpeg",
+        action="store_true",
+        help="generate: JPEG q85 round trip after each corruption, as ImageNet-C's files had",
+    )
+    g.add_argument(
+        "--limit-per-cell",
+        type=int,
+        metavar="K",
+        help="evaluate K images per cell, spread evenly over it (a subset, recorded in the results)",
+    )
+
+
+def add_seeds_arg(g) -> None:
+    """``--seeds`` (alias ``--seed``): the seeds of the draws, a list or a range, on a parser or group ``g``."""
+    g.add_argument(
+        "--seeds",
+        "--seed",
+        dest="seeds",
+        type=int_list,
+        default=(0,),
+        metavar="S1,S2",
+        help="seeds of the draws, e.g. 0,1,2 or 0-4 (default: 0)",
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The ``run`` group of bench, sweep and analyze: batch size, workers, device, precision, decoding."""
+    g = p.add_argument_group("run")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="evaluation batch (default: 256)")
+    g.add_argument("-j", "--workers", type=int, help="DataLoader workers (default: 0 on cpu, min(8, cores) on cuda)")
+    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    g.add_argument(
+        "--amp",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=("bf16", "fp16"),
+        help="autocast evaluation to bf16 or fp16 (bare --amp: bf16 on cpu, fp16 on cuda); BN statistics "
+        "are always estimated in float32",
+    )
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument(
+        "--cpu-decode",
+        action="store_true",
+        help="on a GPU, still decode JPEGs and run generate:'s corruptions on the CPU workers",
+    )
