@@ -51,13 +51,14 @@ __all__ = ["BenchConfig", "Variant", "parse_cell", "run_benchmark", "variants"]
 Progress = Callable[[int, int, str, dict[str, float]], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     """What to run: methods, sample sizes ``ns``, adaptation ``seeds``, and how (batch, workers, device, precision).
 
     ``adapt_on``: ``"corruption:severity"`` (or ``"clean"``) to adapt on that one cell and evaluate on every cell.
     ``part``/``first``/``last`` are passed to :func:`bnadapt.adapt`; ``options`` are the methods' own options (each
-    method gets those it declares); ``prior`` is an alias of option ``prior`` (None: the method's default).
+    method gets those it declares); ``prior`` and ``momentum`` are aliases of the options of that name (None: the
+    method's default).
 
     Example:
         >>> BenchConfig(methods=("prior",), prior=8).options_for("prior")
@@ -73,6 +74,7 @@ class BenchConfig:
     amp: bool | str = False  # False, "bf16", "fp16", or True: bf16 on CPU, fp16 on CUDA
     channels_last: bool = False
     prior: float | None = None
+    momentum: float | None = None
     part: str = "both"
     adapt_on: str | None = None
     extra: dict = field(default_factory=dict)  # recorded in the header (e.g. the --clean set)
@@ -110,7 +112,8 @@ class BenchConfig:
     def options_for(self, method: str) -> dict:
         """The options ``method`` gets: those of ``options`` it declares, with the ``prior`` alias filled in."""
         declared = method_options(method)
-        return resolve_aliases(method, {k: v for k, v in self.options.items() if k in declared}, prior=self.prior)
+        given = {k: v for k, v in self.options.items() if k in declared}
+        return resolve_aliases(method, given, prior=self.prior, momentum=self.momentum)
 
 
 Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
@@ -160,6 +163,8 @@ def _device_name(device: torch.device) -> str:
 def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, command, device) -> dict:
     prep = {name: getattr(m, "preprocessing", None) for name, m in models.items()}
     options = parse_options(config.methods, config.options)
+    if config.momentum is not None and any("momentum" in method_options(m) for m in config.methods):
+        options["momentum"] = float(config.momentum)
     # --prior was a setting of its own before it became prior's option: it stays a top-level entry (default
     # included), however it was given, so that results of earlier versions stay resumable.
     prior = options.pop("prior", option_default("prior") if config.prior is None else config.prior)

@@ -48,7 +48,7 @@ def _add_adaptation_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--n", type=positive_int, default=32, help="adaptation images drawn from the input (default: 32)")
     g.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
-    g.add_argument("--prior", type=float, default=16.0, help="prior strength N for --method prior (default: 16)")
+    g.add_argument("--prior", type=float, help="prior strength N for --method prior (default: 16)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
     g.add_argument("--layers", nargs="+", metavar="PATTERN", help="adapt only BN layers matching these globs")
     depth = g.add_mutually_exclusive_group()
@@ -87,7 +87,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
 
     from .._io import atomic_path
-    from ..adapt import adapt, is_online, parse_options
+    from ..adapt import OPTION_ALIASES, adapt, is_online, method_options, parse_options, resolve_aliases
     from ..bn import BNStats, bn_layers
     from ..data import read_images
     from ..models import load_model
@@ -134,8 +134,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         "model": args.model,
         "images": str(args.images),
     }
-    if args.method == "prior":
-        meta["prior"] = str(args.prior)
+    # The aliased options (prior's N) are recorded with their effective value, given or not.
+    aliased = resolve_aliases(args.method, options, prior=args.prior)
+    meta.update({k: str(aliased.get(k, v)) for k, v in method_options(args.method).items() if k in OPTION_ALIASES})
     meta.update({f"option.{k}": str(v) for k, v in options.items()})
     if out.suffix == ".safetensors":
         stats = BNStats.from_model(adapted)

@@ -59,7 +59,8 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
     )
     add_seeds_arg(g)
-    g.add_argument("--prior", type=float, default=16.0, help="prior strength N for the prior method (default: 16)")
+    g.add_argument("--prior", type=float, help="prior strength N for the prior method (default: 16)")
+    g.add_argument("--momentum", type=float, help="ema's step towards each batch's statistics (default: 0.1)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
     depth = g.add_mutually_exclusive_group()
     depth.add_argument("--first", type=positive_int, metavar="K", help="adapt only the first K BN layers")
@@ -252,22 +253,23 @@ def _bench_config(args: argparse.Namespace, device: str):
     if args.release_jpeg:
         extra["release_jpeg"] = True
     return BenchConfig(
-        tuple(args.methods),
-        tuple(args.n),
-        tuple(args.seeds),
-        args.batch_size,
-        _workers(args),
-        device,
-        args.amp,
-        args.channels_last,
-        args.prior,
-        args.part,
-        args.adapt_on,
-        extra,
-        args.first,
-        args.last,
+        methods=tuple(args.methods),
+        ns=tuple(args.n),
+        seeds=tuple(args.seeds),
+        batch_size=args.batch_size,
+        jobs=_workers(args),
+        device=device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        prior=args.prior,
+        momentum=args.momentum,
+        part=args.part,
+        adapt_on=args.adapt_on,
+        extra=extra,
+        first=args.first,
+        last=args.last,
         # Unknown methods are left to config.validate(), whose message names --methods.
-        parse_options([m for m in args.methods if m in _method_names()], args.opt),
+        options=parse_options([m for m in args.methods if m in _method_names()], args.opt),
         decode="cpu" if args.cpu_decode else "auto",
     )
 
