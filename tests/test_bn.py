@@ -113,6 +113,14 @@ def test_estimate_leaves_model_unchanged(tiny):
     assert tiny.drop.training and not tiny.bn1.training
 
 
+def test_estimate_restores_each_layers_momentum(tiny):
+    # Statistics come from BN's own train-mode kernel with cumulative averaging: the momentum must come back.
+    tiny.bn1.momentum, tiny.bn2.momentum = 0.01, None
+    stats = estimate_stats(tiny, torch.rand(9, 3, 8, 8), batch_size=4)
+    assert tiny.bn1.momentum == 0.01 and tiny.bn2.momentum is None and tiny.bn3.momentum == 0.1
+    assert stats.count["bn1"] == 9 * 8 * 8
+
+
 def test_snapshot_restore_is_bit_exact(tiny):
     snap = BNStats.from_model(tiny)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}

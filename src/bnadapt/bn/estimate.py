@@ -4,7 +4,7 @@ execution order with every earlier layer already set, as inference will normalis
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -56,33 +56,26 @@ def estimate_stats(
     names = list(all_layers) if layers is None else list(layers)
     device = model_device(model, device)
     moments = {n: Moments() for n in names}
-    # The train-mode forward moves running stats and num_batches_tracked; every BN buffer is put back afterwards.
-    saved = {(m, k): b.clone() for m in all_layers.values() for k, b in m.named_buffers(recurse=False) if b is not None}
-    modes = {m: m.training for m in model.modules()}
-    handles = []
-    # Combined batches: every BN layer (selected or not) must normalise with the combined statistics.
-    for n in names if reducer is None else all_layers:
-        handles.append(all_layers[n].register_forward_pre_hook(_make_hook(moments.get(n), reducer)))
-    try:
-        model.eval()
-        for m in all_layers.values():
-            m.train(reducer is None)
-        seen = 0
+    counts: dict[str, int] = {}
+    if reducer is None:
+        # BN's own train-mode kernel measures each batch; the hook only notes how many values per channel it sees.
+        hooks = {n: _count_hook(counts, n) for n in names}
+    else:  # combined batches: every BN layer (selected or not) must normalise with the combined statistics
+        hooks = {n: _make_hook(moments.get(n), reducer) for n in all_layers}
+    seen = 0
+    with _measuring(model, all_layers, hooks, train=reducer is None):
         for batch in iter_batches(images, batch_size):
+            if reducer is None:
+                for n in names:
+                    all_layers[n].reset_running_stats()
             model(batch.to(device, non_blocking=True))
+            if reducer is None:
+                _merge_batch(moments, all_layers, counts)
             seen += batch.shape[0]
         if reducer is not None:
             seen = reducer.images(seen)
-        if seen == 0:
-            raise ValueError("expected at least one image to estimate BN statistics from, got none")
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
-        with torch.no_grad():
-            for (m, k), b in saved.items():
-                getattr(m, k).copy_(b)
+    if seen == 0:
+        raise ValueError("expected at least one image to estimate BN statistics from, got none")
     out = BNStats(mean={}, var={}, metadata={"images": str(seen)})
     for n in names:
         mo = moments[n]
@@ -92,6 +85,48 @@ def estimate_stats(
         out.var[n] = mo.var().float().cpu()
         out.count[n] = mo.count
     return out
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module, layers: dict[str, nn.Module], hooks: dict, train: bool) -> Iterator[None]:
+    """The model in eval mode with its BN ``layers`` in train mode (``train``) and cumulative averaging, ``hooks``
+    attached by layer name; every BN buffer, mode and momentum is put back afterwards."""
+    saved = {(m, k): b.clone() for m in layers.values() for k, b in m.named_buffers(recurse=False) if b is not None}
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in layers.values()}
+    handles = [layers[n].register_forward_pre_hook(hook) for n, hook in hooks.items()]
+    try:
+        model.eval()
+        for m in layers.values():
+            m.train(train)
+            m.momentum = None  # cumulative average: after a reset and one batch, exactly that batch's statistics
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        with torch.no_grad():
+            for (m, k), b in saved.items():
+                getattr(m, k).copy_(b)
+
+
+def _count_hook(counts: dict[str, int], name: str):
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        counts[name] = x.numel() // x.shape[1]
+
+    return hook
+
+
+def _merge_batch(moments: dict[str, Moments], layers: dict[str, nn.Module], counts: dict[str, int]) -> None:
+    """Add what each layer's train-mode forward just stored (the batch's mean and unbiased variance) to its moments."""
+    for n, mo in moments.items():
+        layer, count = layers[n], counts[n]
+        mean = layer.running_mean.detach().double()
+        mo.merge(count, mean, layer.running_var.detach().double() * max(count - 1, 0))
 
 
 def _make_hook(moments: Moments | None, reducer: BatchReducer | None = None):
@@ -123,10 +158,13 @@ def estimate_in_order(
     decide: Decide,
     batch_size: int = 256,
     device: torch.device | str | None = None,
-) -> None:
+) -> torch.Tensor | None:
     """Set each of ``layers`` (in execution order) to ``decide``'s statistics, measured in eval mode with every
     earlier layer already set: what inference will normalise with. One forward when the images form one batch (a
     pre-hook sets each layer just before it runs), else one pass per layer, each stopped at that layer.
+
+    Returns the output of that one forward (the adapted model's output on the images, for free), or None when the
+    images took several batches.
 
     ``decide(name, layer, per-image means, per-image variances, positions)`` returns the layer's new (mean, var);
     see :func:`bnadapt.bn.pooled_moments` for the statistics of the whole sample.
@@ -149,16 +187,16 @@ def estimate_in_order(
     try:
         with torch.no_grad():
             if len(batches) == 1:
-                _one_pass(model, batches[0].to(device), found, set(layers), decide)
-            else:
-                for name in execution_order(model, batches[0].to(device), layers):
-                    _layer_pass(model, batches, device, name, found[name], decide)
+                return _one_pass(model, batches[0].to(device), found, set(layers), decide)
+            for name in execution_order(model, batches[0].to(device), layers):
+                _layer_pass(model, batches, device, name, found[name], decide)
     finally:
         for m, mode in modes.items():
             m.train(mode)
+    return None
 
 
-def _one_pass(model: nn.Module, x: torch.Tensor, found: dict, wanted: set[str], decide: Decide) -> None:
+def _one_pass(model: nn.Module, x: torch.Tensor, found: dict, wanted: set[str], decide: Decide) -> torch.Tensor:
     def hook_for(name):
         def hook(layer, args):
             set_layer_stats(layer, *decide(name, layer, *image_moments(args[0])))
@@ -167,7 +205,7 @@ def _one_pass(model: nn.Module, x: torch.Tensor, found: dict, wanted: set[str], 
 
     handles = [found[n].register_forward_pre_hook(hook_for(n)) for n in found if n in wanted]
     try:
-        model(x)
+        return model(x)
     finally:
         for h in handles:
             h.remove()

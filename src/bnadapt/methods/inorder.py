@@ -21,14 +21,13 @@ clean test images) looks exactly like a harmful one to the statistics alone.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..adapt import AdaptConfig, adapt, register_method
-from ..bn import estimate_in_order, iter_batches, model_device, pooled_moments, shrinkage_weight, toward
+from ..bn import BNStats, estimate_in_order, iter_batches, model_device, pooled_moments, shrinkage_weight, toward
 from .basic import check_sample
 
 __all__ = ["SCALES", "SELECT", "auto_weights"]
@@ -106,32 +105,39 @@ def auto(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Mo
         return model
     if not isinstance(images, torch.Tensor):
         images = torch.cat(list(images))
+    # Candidates are tried in place on the model, its selected layers' statistics put back before each: a snapshot
+    # costs far less than a copy of the model.
+    source = BNStats.from_model(model, layers)
     best = None
     for scale in SCALES:
-        candidate = copy.deepcopy(model)
+        source.apply_to(model)
         decide = Shrink(cfg.part, scale)
-        estimate_in_order(candidate, images, layers, decide, cfg.batch_size, cfg.device)
-        score = _score(candidate, images, cfg.batch_size, cfg.device, select)
+        logits = estimate_in_order(model, images, layers, decide, cfg.batch_size, cfg.device)
+        score = _score(model, images, cfg.batch_size, cfg.device, select, logits)
         if best is None or score < best[0]:
-            best = (score, candidate, decide.weights, scale)
+            best = (score, BNStats.from_model(model, layers), decide.weights, scale)
     _, chosen, weights, scale = best
-    model.load_state_dict(chosen.state_dict())
+    chosen.apply_to(model)
     model.bnadapt_auto_weights = weights
     model.bnadapt_auto_scale = scale
     return model
 
 
-def _score(model: nn.Module, images: torch.Tensor, batch_size: int, device, select: str) -> float:
+def _score(model: nn.Module, images: torch.Tensor, batch_size: int, device, select: str, logits=None) -> float:
     """Lower is better. ``entropy``: mean prediction entropy on the adaptation images. ``im`` (information
     maximisation): that minus the entropy of the mean prediction, so a model that is confident because it puts
-    every image in one class (what severe noise does to the source model) does not win."""
-    device = model_device(model, device)
-    probs = []
-    model.eval()
-    with torch.no_grad():
-        for x in iter_batches(images, batch_size):
-            probs.append(torch.softmax(model(x.to(device)).float(), dim=1))
-    p = torch.cat(probs)
+    every image in one class (what severe noise does to the source model) does not win. ``logits``: the model's
+    output on the images when already at hand (the estimating forward of one batch is the adapted model's)."""
+    if logits is not None:
+        p = torch.softmax(logits.float(), dim=1)
+    else:
+        device = model_device(model, device)
+        probs = []
+        model.eval()
+        with torch.no_grad():
+            for x in iter_batches(images, batch_size):
+                probs.append(torch.softmax(model(x.to(device)).float(), dim=1))
+        p = torch.cat(probs)
     each = float(-(p * torch.log(p.clamp_min(1e-12))).sum(1).mean())
     if select == "entropy":
         return each
