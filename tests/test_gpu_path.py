@@ -21,10 +21,11 @@ def _accs(rows):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
-def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, capsys):
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, capsys, resnet20_checkpoint):
+    # A checkpoint of our own: without ../shared the built-in weights are not found, which is another error.
     np.savez(tmp_path / "c.npz", x=np.zeros((8, 32, 32, 3), np.uint8), y=np.arange(8) % 10)
-    code = main(["bench", "--model", "cifar10_resnet20", "--data", f"npz:{tmp_path / 'c.npz'}", "--device", "cuda",
-                 "--out", str(tmp_path / "out")])  # fmt: skip
+    code = main(["bench", "--model", "cifar10_resnet20", "--checkpoint", str(resnet20_checkpoint), "--data",
+                 f"npz:{tmp_path / 'c.npz'}", "--device", "cuda", "--out", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
