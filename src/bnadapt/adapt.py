@@ -301,24 +301,25 @@ def sample_indices(total: int, n: int, seed: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
 
 
-def _target(images, cfg: AdaptConfig):
-    """The n adaptation images: a seeded random subset of a tensor/array, or the first n of an iterable of batches."""
+def _target(images, cfg: AdaptConfig, dtype: torch.dtype):
+    """The n adaptation images in the model's floating dtype: a seeded random subset of a tensor/array, or the first
+    n of an iterable of batches."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        x = to_float_nchw(images)
+        x = to_float_nchw(images).to(dtype)
         n = x.shape[0] if cfg.n is None else cfg.n
         if n < 1:
             raise ValueError(f"expected n >= 1 adaptation images, got n={n}")
         if n == x.shape[0]:
             return x
         return x[torch.from_numpy(sample_indices(x.shape[0], n, cfg.seed))]
-    return _take(images, cfg.n)
+    return _take(images, cfg.n, dtype)
 
 
-def _take(batches: Iterable, n: int | None):
+def _take(batches: Iterable, n: int | None, dtype: torch.dtype):
     seen = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = to_float_nchw(x)
+        x = to_float_nchw(x).to(dtype)
         if n is not None and seen + x.shape[0] > n:
             x = x[: n - seen]
         if x.shape[0]:
@@ -328,6 +329,14 @@ def _take(batches: Iterable, n: int | None):
             return
     if n is not None and seen < n:
         raise ValueError(f"expected n <= the number of images given ({seen}), got n={n}; pass more images or lower n")
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in (float16/bfloat16 models take images in their own dtype); float32 by default."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def adapt(
@@ -395,7 +404,7 @@ def adapt(
     if spec.images == "required" and images is None:
         raise ValueError(f"expected target images for method {method!r}, got none")
     if spec.images != "unused" and images is not None:
-        target = _target(images, cfg)
+        target = _target(images, cfg, _floating_dtype(model))
         if isinstance(target, torch.Tensor):
             check_batch_for_layers(model, target.shape[0], selected)
     out = model if inplace else copy.deepcopy(model)

@@ -37,6 +37,7 @@ from .adapt import (
     resolve_aliases,
     sample_indices,
 )
+from .bn import bn_layers, select_layers
 from .data import BenchData, Cell, ImageSet, iter_batches_of
 from .distributed import Dist, check_shardable
 from .methods import reset
@@ -259,6 +260,7 @@ def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig
     adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
     shard = dist.shard()
     for name, model in models.items():
+        select_layers([n for n, _ in bn_layers(model)], None, config.first, config.last)  # --first/--last fit it
         sets = [data.cell(*c) for c in data.cells]
         if adapt_cell is not None:
             sets.append(data.cell(*adapt_cell))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bn import bn_layers, check_layer_values
+
 __all__ = [
     "Normalize",
     "Classifier",
@@ -279,6 +281,11 @@ def load_checkpoint_into(net: nn.Module, path: str | os.PathLike[str], trust: bo
             "is --model the architecture the checkpoint was trained with?"
         )
     net.load_state_dict(state, strict=False)
+    for name, layer in bn_layers(net):
+        try:
+            check_layer_values(name, layer.running_mean.detach().float(), layer.running_var.detach().float())
+        except ValueError as e:  # NaN logits would otherwise be reported as a real (chance-level) accuracy
+            raise ValueError(f"expected usable BatchNorm statistics in {path.name}: {e}") from None
     return net
 
 

@@ -75,6 +75,12 @@ def select_layers(
                 f"expected the layer patterns {patterns} to match at least one BN layer, matched none; "
                 f"BN layers are e.g. {list(names)[:5]}"
             )
+    depth = first if first is not None else last
+    if depth is not None and depth > len(chosen):
+        raise ValueError(
+            f"expected {'first' if first is not None else 'last'}= at most the {len(chosen)} BN layers selected, got "
+            f"{depth}; lower it (or leave it out to adapt them all)"
+        )
     if first is not None:
         chosen = chosen[:first]
     if last is not None:

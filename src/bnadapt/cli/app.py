@@ -86,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         from ..results import OutOfSpaceError
 
+        if e.errno == errno.EROFS and not args.verbose:  # the user's choice of --out, not a fault of the machine
+            msg = f"cannot write {e.filename or 'the outputs'}: read-only file system; pass a writable --out"
+            print(f"bnadapt: error: {msg}", file=sys.stderr)
+            return EXIT_USAGE
         if not (isinstance(e, OutOfSpaceError) or e.errno in (errno.ENOSPC, errno.EDQUOT)) or args.verbose:
             raise
         msg = (

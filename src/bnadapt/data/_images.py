@@ -101,10 +101,17 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
         allow_outside_links = _OUTSIDE_LINKS.get()
     root = root.resolve()
     files = []
+    seen: set[str] = set()  # real folders already listed: a link back up (cat/loop -> ..) must not repeat them
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         here = Path(dirpath)
-        if not allow_outside_links and not here.resolve().is_relative_to(root):
+        real = os.path.realpath(here)
+        if real in seen:
+            log.warning("skipping %s: it links back to the folder %s, already read", here, real)
+            dirnames.clear()
+            continue
+        seen.add(real)
+        if not allow_outside_links and not Path(real).is_relative_to(root):
             log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", here, root)
             dirnames.clear()
             continue
@@ -112,7 +119,10 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
             p = here / name
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            if not allow_outside_links and not p.resolve().is_relative_to(root):
+            if not p.is_file():  # a broken link, or one that points to itself
+                log.warning("skipping %s: a link to no readable file", p)
+                continue
+            if not allow_outside_links and not Path(os.path.realpath(p)).is_relative_to(root):
                 log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", p, root)
                 continue
             files.append(p)

@@ -286,6 +286,7 @@ def _class_labels(names: list[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(sorted(names))}
 
 
+MAX_LABEL = 2**31 - 1  # labels are stored as int64; a larger number is a typo, not a class
 LIST_FILE = "dataset.txt"  # a folder's image list: lines "<relative path>, <label>" (or separated by spaces)
 
 
@@ -294,15 +295,17 @@ def _list_file(path: Path, prepare: str | None) -> FileImages:
     root = path.parent.resolve()
     files, labels = [], []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first path
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"expected a readable text list of '<image path>, <label>' lines at {path} ({e})") from e
     for k, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         rel, _, label = line.replace(",", " ").strip().rpartition(" ")
-        if not rel.strip() or not label.isdigit():
+        if not rel.strip() or not (label.isascii() and label.isdigit()):
             raise ValueError(f"expected '<image path>, <label>' on line {k} of {path}, got {line.strip()!r}")
+        if int(label) > MAX_LABEL:
+            raise ValueError(f"expected a class label 0..{MAX_LABEL} on line {k} of {path}, got {label}")
         f = (root / rel.strip()).resolve()
         if not outside_links_followed() and not f.is_relative_to(root):
             raise ValueError(f"expected image paths inside {root} in {path}, got {rel.strip()!r} on line {k}")
