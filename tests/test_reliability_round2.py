@@ -96,3 +96,17 @@ def test_read_only_out_is_a_one_line_error(monkeypatch, capsys):
     assert main(["report", "/mnt/ro/out"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "bnadapt: error: cannot write /mnt/ro/out: read-only file system; pass a writable --out"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomically_written_files_follow_the_umask(tmp_path, umask):
+    from bnadapt._io import write_text
+
+    old = os.umask(umask)
+    try:
+        path = write_text(tmp_path / "summary.json", "{}")
+        BNStats.from_model(torch.nn.BatchNorm2d(2)).save(tmp_path / "s.safetensors")
+    finally:
+        os.umask(old)
+    for f in (path, tmp_path / "s.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

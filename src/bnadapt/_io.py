@@ -15,7 +15,8 @@ __all__ = ["atomic_path", "write_text"]
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A crash or error half-way leaves no truncated file under the final name.
+    A crash or error half-way leaves no truncated file under the final name. The file gets the permissions the
+    user's umask gives a new file (0644 under umask 022), not the temporary file's 0600.
 
     Example:
         >>> import tempfile, pathlib
@@ -35,10 +36,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes the file 0600; an output is as readable as any file the user creates (0644 under umask 022).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    # Reading the umask means setting it: put it straight back. Not cached, so a changed umask is followed.
+    mask = os.umask(0o077)  # the brief window errs on the private side for files other threads create
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
