@@ -393,7 +393,9 @@ def adapt(
     found = [name for name, _ in bn_layers(model)]
     if not found:
         raise ValueError("expected a model with BatchNorm layers (with running statistics), got none to adapt")
-    opts = {**spec.options, **parse_options([method], given)}
+    opts = {**spec.options, **given}  # each value already coerced; checked here as one set
+    if spec.check is not None:
+        spec.check(dict(opts))
     if reducer is not None and not spec.can_shard(opts):
         raise ValueError(f"expected a method whose sample can be split over processes, got {method!r} with {opts}")
     patterns = (layers,) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .moments import batch_var_mean
 from .store import BNStats
 
 __all__ = ["EMAUpdate", "equivalent_prior", "mix_stats", "shrinkage_weight", "toward"]
@@ -113,10 +114,9 @@ class EMAUpdate:
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        dims = [0] + list(range(2, x.ndim))
+        x = args[0].detach()
         count = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x, dim=dims, correction=1 if count > 1 else 0)
+        _, var, mean = batch_var_mean(x, correction=1 if count > 1 else 0)
         m = self.momentum
         if self.part in ("both", "mean"):
             module.running_mean.mul_(1 - m).add_(mean.to(module.running_mean.dtype), alpha=m)
