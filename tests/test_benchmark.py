@@ -11,7 +11,8 @@ from torch import nn
 from bnadapt import adapt
 from bnadapt.adapt import sample_indices
 from bnadapt.benchmark import BenchConfig, parse_cell, run_benchmark, variants
-from bnadapt.data import open_data, to_float_nchw
+from bnadapt.data import Cell, open_data, to_float_nchw
+from bnadapt.streams import draw_seed
 from conftest import make_tiny
 
 CORR = ["gaussian_noise", "contrast"]
@@ -47,7 +48,7 @@ def test_matches_adapt_then_evaluate(data):
     rows = run_benchmark({"tiny": tiny}, data, BenchConfig(methods=("replace",), ns=(16,), seeds=(3,)))
     cell = data.cell("gaussian_noise", 5)
     x = cell.get(np.arange(len(cell)))
-    manual = adapt(tiny, x[sample_indices(40, 16, 3)], method="replace", batch_size=16)
+    manual = adapt(tiny, x[sample_indices(40, 16, draw_seed(3, Cell("gaussian_noise", 5)))], method="replace", batch_size=16)
     with torch.no_grad():
         pred = manual(to_float_nchw(x)).argmax(1).numpy()
     assert _accs(rows)[("replace", 16, 3, "gaussian_noise", 5)] == float(np.mean(pred == cell.labels))

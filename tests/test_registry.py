@@ -38,7 +38,7 @@ class _Alone:
 
 def test_every_method_has_a_spec_and_knobs_are_options():
     assert [method_spec(m).name for m in bnadapt.method_names()] == bnadapt.method_names()
-    assert bnadapt.method_spec("prior").options == {"prior": 16.0, "order": "independent"}
+    assert bnadapt.method_spec("prior").options == {"prior": 16.0, "order": "sequential"}
     assert bnadapt.method_spec("ema").options == {"momentum": 0.1}
     online = [m for m in bnadapt.method_names() if method_spec(m).online]
     assert online == ["test-batch", "ema", "bank", "tent"]
@@ -82,7 +82,7 @@ def test_bench_fingerprint_is_the_same_for_both_spellings_of_prior():
 
 def test_shardable_follows_the_options(tiny):
     assert method_spec("replace").can_shard({})
-    assert method_spec("prior").can_shard({"prior": 16.0, "order": "independent"})
+    assert method_spec("prior").can_shard({"prior": 16.0, "order": "sequential"})
     assert not method_spec("prior").can_shard({"prior": 16.0, "order": "sequential"})
     assert not method_spec("sequential").can_shard({})
     x = _images()

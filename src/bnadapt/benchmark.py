@@ -11,12 +11,10 @@ Finished cells go to ``results.jsonl`` at once (see :mod:`bnadapt.results`); a r
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import platform
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +25,6 @@ from torch import nn
 
 from ._version import __version__
 from .adapt import (
-    adapt,
     is_online,
     method_names,
     method_options,
@@ -35,14 +32,13 @@ from .adapt import (
     option_default,
     parse_options,
     resolve_aliases,
-    sample_indices,
 )
-from .bn import bn_layers, select_layers
-from .data import BenchData, Cell, ImageSet, iter_batches_of
+from .bn import bn_layers, check_batch_for_layers, select_layers
+from .data import BenchData, Cell, ImageSet
 from .distributed import Dist, check_shardable
-from .methods import reset
-from .metrics import Accuracy
 from .results import Journal, read_results
+from .runner import Evaluator, Run, Variant, run_streams
+from .streams import SETTINGS, check_order, plan_streams
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +79,26 @@ class BenchConfig:
     last: int | None = None
     options: dict = field(default_factory=dict)
     decode: str = "auto"  # where JPEG files are decoded and generate:'s corruptions run: auto (the device) or cpu
+    order: str = "shuffled"  # how each cell's images stream: shuffled, sorted or dirichlet:ALPHA (bnadapt.streams)
+    setting: str = "reset"  # which cells share a stream without a reset: reset, continual, gradual or mixed
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown or not self.methods:
             raise ValueError(f"expected --methods from {', '.join(method_names())}, got {unknown or 'none'}")
-        if not self.ns or any(n < 1 for n in self.ns):
-            raise ValueError(f"expected sample sizes --n >= 1, got {list(self.ns)}")
+        if not self.ns or any(n < 0 for n in self.ns):
+            raise ValueError(f"expected sample sizes --n >= 0, got {list(self.ns)}")
+        offline = [m for m in self.methods if method_uses_images(m) and not is_online(m)]
+        if offline and not any(self.ns):
+            raise ValueError(
+                f"expected --n >= 1 for {', '.join(offline)}, which adapt on n images; --n 0 (no images) is for "
+                "online methods only"
+            )
+        check_order(self.order)
+        if self.setting not in SETTINGS:
+            raise ValueError(f"expected --setting to be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.setting != "reset" and self.adapt_on is not None:
+            raise ValueError(f"expected --adapt-on with --setting reset only, got --setting {self.setting}")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"expected non-negative --seeds, got {list(self.seeds)}")
         if self.decode not in ("auto", "cpu"):
@@ -117,22 +126,28 @@ class BenchConfig:
         return resolve_aliases(method, given, prior=self.prior, momentum=self.momentum)
 
 
-Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
 
 
 def variants(config: BenchConfig) -> list[Variant]:
-    """Every (method, n, seed) to evaluate per cell; image-free methods once, as (method, 0, None).
+    """Every (method, n, seed) to evaluate per cell; image-free methods (and online ones at n = 0) once, as
+    (method, 0, None); offline methods skip n = 0.
 
     Example:
         >>> variants(BenchConfig(methods=("source", "replace"), ns=(8, 32), seeds=(0, 1)))
         [('source', 0, None), ('replace', 8, 0), ('replace', 8, 1), ('replace', 32, 0), ('replace', 32, 1)]
+        >>> variants(BenchConfig(methods=("tent", "replace"), ns=(0, 8)))
+        [('tent', 0, None), ('tent', 8, 0), ('replace', 8, 0)]
     """
     out: list[Variant] = []
     for m in config.methods:
-        if method_uses_images(m):
-            out += [(m, n, s) for n in config.ns for s in config.seeds]
-        else:
+        if not method_uses_images(m):
             out.append((m, 0, None))
+            continue
+        for n in config.ns:
+            if n > 0:
+                out += [(m, n, s) for s in config.seeds]
+            elif is_online(m):
+                out.append((m, 0, None))
     return list(dict.fromkeys(out))
 
 
@@ -177,6 +192,11 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
         "part": config.part,
         "adapt_on": config.adapt_on,
         "amp": config.amp,
+        # How streams and draws are made (issue 15): rows of earlier versions (one draw per seed for every cell,
+        # class-sorted folders) are not resumed into these.
+        "order": config.order,
+        "setting": config.setting,
+        "draws": "per-cell",
         **config.extra,
     }
     # Only when set, so that results of earlier versions stay resumable.
@@ -195,36 +215,13 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
     }
 
 
-class _Evaluator:
-    """Moves uint8 NHWC batches to the device as [0, 1] NCHW floats and runs a model on them in inference mode."""
-
-    def __init__(self, device: torch.device, amp: bool | str, channels_last: bool, decode: str = "auto") -> None:
-        self.device, self.amp, self.channels_last = device, bool(amp), channels_last
-        # JPEG decoding and generate:'s corruptions run on the GPU when there is one, unless asked to stay on the CPU.
-        self.on_device = device.type == "cuda" and decode == "auto"
-        if amp is True:
-            amp = "bf16" if device.type == "cpu" else "fp16"
-        self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        # uint8 NHWC viewed as NCHW already has channels-last strides; copying it to NCHW-contiguous cost ~15% of
-        # ResNet-20's throughput on CPU (benchmarks/bench_harness.py), so the layout is kept as it comes.
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.amp else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
-            return model(x)
-
-
 def _prepare(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
     # A copy: moving, eval() and channels-last must not change the caller's model.
     model = copy.deepcopy(model).to(device).eval()
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
-def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: _Evaluator) -> None:
+def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: Evaluator) -> None:
     """Fail before anything is written: the model must run on these images and know every label."""
     probe = sets[0].get(np.arange(min(2, len(sets[0]))))
     try:
@@ -243,11 +240,27 @@ def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: _Evalu
             )
 
 
+def _check_online_batches(model: nn.Module, layers: list[str], sets: Sequence[ImageSet], batch: int) -> None:
+    """Online methods normalise each evaluation batch with its own statistics: a batch of one image gives a flat
+    (BatchNorm1d) layer a single value per channel, so refuse that before anything runs."""
+    smallest = min(min(batch, len(s) % batch or batch) for s in sets)
+    try:
+        check_batch_for_layers(model, smallest, layers)
+    except ValueError as e:
+        raise ValueError(
+            f"expected evaluation batches of at least 2 images for online methods, got batches of {smallest} "
+            f"(-b {batch}); {str(e).split(': ', 1)[-1].split(';')[0]}: use a larger -b, or one that leaves no "
+            "last batch of 1"
+        ) from None
+
+
 def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, dist: Dist):
     """Validate, prepare the models and check them on the data: (device, models, evaluator, adapt cell, variants)."""
     config.validate()
     if dist.shard_cells:
         check_shardable(config.methods)
+        if config.setting != "reset":
+            raise ValueError(f"expected --setting reset with --shard-cells, got {config.setting}; drop --shard-cells")
     try:
         device = torch.device(config.device)
     except RuntimeError:
@@ -256,12 +269,14 @@ def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig
         raise ValueError(f"expected a usable --device, got {config.device!r} but CUDA is not available; use cpu")
     todo_variants = variants(config)
     models = {name: _prepare(m, config, device) for name, m in models.items()}
-    ev = _Evaluator(device, config.amp, config.channels_last, config.decode)
+    ev = Evaluator(device, config.amp, config.channels_last, config.decode)
     adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
     shard = dist.shard()
     for name, model in models.items():
-        select_layers([n for n, _ in bn_layers(model)], None, config.first, config.last)  # --first/--last fit it
+        layers = select_layers([n for n, _ in bn_layers(model)], None, config.first, config.last)
         sets = [data.cell(*c) for c in data.cells]
+        if any(is_online(m) for m in config.methods):
+            _check_online_batches(model, layers, sets, config.batch_size)
         if adapt_cell is not None:
             sets.append(data.cell(*adapt_cell))
         _preflight(name, model, sets, ev)
@@ -334,10 +349,11 @@ def run_benchmark(
         return Journal(out, header, resume=resume, force=force) if out is not None else None
 
     journal, done = dist.on_rank0(open_journal, lambda j: j.done if j is not None else set())
-    plan = _plan(models, data.cells, todo_variants, done)
+    plan = _plan(models, plan_streams(data.cells, config.setting), todo_variants, done, config.setting != "reset")
     try:
         rows: list[dict] = []
-        cells = _cells(models, dist.mine(plan), _Run(data, config, ev, adapt_cell, dist.shard()))
+        run = Run(data, config, ev, adapt_cell, dist.shard(), set(done or ()))
+        cells = _streams(models, dist.mine(plan), run)
         for finished, (name, cell, cell_rows) in enumerate(dist.exchange(cells, len(plan)), start=1):
             if journal is not None:
                 journal.append(cell_rows)
@@ -352,17 +368,20 @@ def run_benchmark(
     return rows
 
 
-def _plan(models: Mapping[str, nn.Module], cells: list[Cell], todo: list[Variant], done: set) -> list:
-    """(model name, cell, variants still to run) for every cell with something left (``done``: finished rows)."""
+def _plan(models: Mapping[str, nn.Module], streams: list[list[Cell]], todo: list[Variant], done: set, steps: bool):
+    """(model name, stream, variants still to run) for every stream with something left (``done``: the keys of
+    finished rows; a stream of several cells runs again whole, as its state carries over, but writes only what is
+    missing; ``steps``: rows are keyed by their step in the stream too)."""
     plan = []
     for name in models:
-        for cell in cells:
-            need = [v for v in todo if (name, *v, *cell) not in done]
+        for stream in streams:
+            keys = [(*cell, step) if steps else (*cell,) for step, cell in enumerate(stream)]
+            need = [v for v in todo if any((name, *v, *k) not in done for k in keys)]
             if need:
-                plan.append((name, cell, need))
-    total = len(models) * len(cells)
+                plan.append((name, stream, need))
+    total = len(models) * len(streams)
     if done and len(plan) < total:
-        log.info("resuming: %d of %d cells already finished", total - len(plan), total)
+        log.info("resuming: %d of %d streams already finished", total - len(plan), total)
     return plan
 
 
@@ -371,116 +390,10 @@ def _accuracies(cell_rows: list[dict], several_n: bool) -> dict[str, float]:
     return {r["method"] + (f"@{r['n']}" if several_n and r["n"] else ""): r["accuracy"] for r in cell_rows}
 
 
-@dataclass(frozen=True)
-class _Run:
-    """What every cell of a run shares: the data, the settings, the evaluator, the adaptation cell and the shard."""
-
-    data: BenchData
-    config: BenchConfig
-    ev: _Evaluator
-    adapt_cell: Cell | None
-    shard: object = None  # distributed._Shard: this rank's part of each cell and sample, with --shard-cells
-
-
-def _adapted(model, variant: Variant, source: ImageSet, run: _Run, samples: dict | None = None):
-    """A fresh adapted copy of ``model`` for one variant, and the seconds it took (with a shard: from this rank's
-    part of the sample, its statistics combined with the other ranks')."""
-    method, n, seed = variant
-    device = run.ev.device
-    t0 = time.perf_counter()
-    images = None
-    options = run.config.options_for(method)
-    reducer = None
-    if method_uses_images(method):
-        indices = sample_indices(len(source), n, seed)
-        if run.shard is not None:
-            indices, reducer = run.shard.adaptation(method, options, indices)
-        # Loaded as the evaluation loads them (decoded and corrupted on the GPU there), so the sample is the same bytes;
-        # methods drawing with the same seed share the load (``samples``: this cell's loaded samples).
-        samples = {} if samples is None else samples
-        key = (id(source), tuple(indices.tolist()))
-        if key not in samples:
-            samples[key] = run.ev.inputs(source.load(indices, device, run.ev.on_device))
-        images = samples[key]
-    # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
-    out = adapt(
-        model,
-        images,
-        method=method,
-        seed=seed,
-        part=run.config.part,
-        first=run.config.first,
-        last=run.config.last,
-        batch_size=max(1, n),
-        device=device,
-        options=options,
-        reducer=reducer,
-    )
-    return out, time.perf_counter() - t0
-
-
-def _cells(models: Mapping[str, nn.Module], plan, run: _Run):
-    """Yield (model name, cell, rows) for each planned (model, cell, variants) item, model by model."""
+def _streams(models: Mapping[str, nn.Module], plan, run: Run):
+    """Yield (model name, stream label, rows) for each planned (model, stream, variants) item, model by model."""
     for name, model in models.items():
-        mine = [(cell, need) for m, cell, need in plan if m == name]
-        adapted_once: dict[Variant, tuple[nn.Module, float]] = {}
-        for cell, cell_rows in _run_model(name, model, mine, run, adapted_once):
-            yield name, cell, cell_rows
-
-
-def _cell_models(model, k: int, variants_: list[Variant], sets: list[ImageSet], run: _Run, adapted_once) -> list:
-    """Per variant of cell ``k``: [variant, adapted model, Accuracy, seconds so far]."""
-    state = []
-    samples: dict = {}
-    for variant in variants_:
-        if run.adapt_cell is None:
-            m, secs = _adapted(model, variant, sets[k], run, samples)
-        else:
-            if variant not in adapted_once:
-                adapted_once[variant] = _adapted(model, variant, run.data.cell(*run.adapt_cell), run)
-            m, secs = adapted_once[variant]
-            adapted_once[variant] = (m, 0.0)  # the adaptation's time is counted in its first cell only
-            # Online methods keep changing while they run: each cell starts from the state adapt() returned.
-            if is_online(variant[0]):
-                reset(m)
-        state.append([variant, m, Accuracy(), secs])
-    return state
-
-
-def _rows(name: str, cell: Cell, state: list, adapt_on: str | None) -> list[dict]:
-    out = []
-    for (method, n, seed), _, acc, secs in state:
-        row = {"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0], "severity": cell[1]}
-        row.update(correct=acc.correct, total=acc.total, accuracy=acc.compute(), seconds=round(secs, 4))
-        out.append({**row, "adapt_on": adapt_on})
-    return out
-
-
-def _run_model(name, model, plan, run: _Run, adapted_once):
-    """Yield (cell, rows) for each planned cell of one model, streaming each cell's batches once (with a shard:
-    this rank's block of each cell's images)."""
-    if not plan:
-        return
-    ev, config = run.ev, run.config
-    sets = [run.data.cell(*cell) for cell, _ in plan]
-    shown = sets if run.shard is None else [run.shard.evaluated(s) for s in sets]
-    pin = ev.device.type == "cuda"
-    current = -1
-    state: list[list] = []  # per variant: [variant, model, Accuracy, seconds]
-    for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
-        if k != current:
-            if current >= 0:
-                yield plan[current][0], _rows(name, plan[current][0], state, config.adapt_on)
-            current = k
-            state = _cell_models(model, k, plan[k][1], sets, run, adapted_once)
-        x = ev.inputs(xb)
-        y = yb.to(ev.device, non_blocking=True)
-        for entry in state:
-            t0 = time.perf_counter()
-            entry[2].update(ev(entry[1], x), y)
-            entry[3] += time.perf_counter() - t0
-    if current >= 0:
-        yield plan[current][0], _rows(name, plan[current][0], state, config.adapt_on)
-    fallbacks = sum(s.cpu_fallbacks() for s in sets)
-    if fallbacks:
-        log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)
+        mine = [(stream, need) for m, stream, need in plan if m == name]
+        adapted_once: dict = {}
+        for label, rows in run_streams(name, model, mine, run, adapted_once):
+            yield name, label, rows

@@ -54,8 +54,10 @@ class OutOfSpaceError(OSError):
 
 
 def row_key(row: dict) -> tuple:
-    """The identity of a row: (model, method, n, seed, corruption, severity); a resumed run skips known keys."""
-    return tuple(row[k] for k in KEY_FIELDS)
+    """The identity of a row: (model, method, n, seed, corruption, severity), and its ``step`` in a stream that
+    runs without a reset (a cell can come twice there); a resumed run skips known keys."""
+    key = tuple(row[k] for k in KEY_FIELDS)
+    return key if row.get("step") is None else (*key, row["step"])
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[list[dict], list[dict]]:

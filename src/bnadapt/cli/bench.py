@@ -69,6 +69,21 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument(
         "--adapt-on", metavar="CELL", help="adapt on this one cell (e.g. fog:3, or clean) and evaluate on every cell"
     )
+    g.add_argument(
+        "--order",
+        default="shuffled",
+        metavar="ORDER",
+        help="order of each cell's images for online methods: shuffled (seeded), sorted (the data's own order), or "
+        "dirichlet:ALPHA (label-correlated, NOTE/RoTTA; e.g. dirichlet:0.1) (default: shuffled)",
+    )
+    g.add_argument(
+        "--setting",
+        default="reset",
+        choices=("reset", "continual", "gradual", "mixed"),
+        help="reset: every cell from the source model; continual: the corruptions in a row per severity, no reset "
+        "(CoTTA); gradual: severities 1..5..1 per corruption, no reset; mixed: all cells' images in one shuffled "
+        "stream (default: reset)",
+    )
     add_run_args(p)
     _add_bench_output_args(p)
 
@@ -271,6 +286,8 @@ def _bench_config(args: argparse.Namespace, device: str):
         # Unknown methods are left to config.validate(), whose message names --methods.
         options=parse_options([m for m in args.methods if m in _method_names()], args.opt),
         decode="cpu" if args.cpu_decode else "auto",
+        order=args.order,
+        setting=args.setting,
     )
 
 

@@ -60,7 +60,7 @@ def _prior_shardable(options: Mapping[str, Any]) -> bool:
 
 
 @register_method(
-    "prior", options={"prior": 16.0, "order": "independent"}, check=_check_prior, shardable=_prior_shardable
+    "prior", options={"prior": 16.0, "order": "sequential"}, check=_check_prior, shardable=_prior_shardable
 )
 def prior(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
     """Source and target statistics mixed with the target's weight n / (N + n)."""
