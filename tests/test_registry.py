@@ -82,7 +82,7 @@ def test_bench_fingerprint_is_the_same_for_both_spellings_of_prior():
 
 def test_shardable_follows_the_options(tiny):
     assert method_spec("replace").can_shard({})
-    assert method_spec("prior").can_shard({"prior": 16.0, "order": "sequential"})
+    assert method_spec("prior").can_shard({"prior": 16.0, "order": "independent"})
     assert not method_spec("prior").can_shard({"prior": 16.0, "order": "sequential"})
     assert not method_spec("sequential").can_shard({})
     x = _images()
