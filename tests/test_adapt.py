@@ -22,6 +22,7 @@ def _state(model):
 
 def test_registry_names():
     assert method_names()[:5] == ["source", "replace", "prior", "test-batch", "ema"]
+    assert method_names()[-3:] == ["tent", "rbn", "dua"]  # later methods register after the earlier ones
     assert is_online("test-batch") and is_online("ema") and not is_online("replace")
 
 

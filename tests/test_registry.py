@@ -41,7 +41,7 @@ def test_every_method_has_a_spec_and_knobs_are_options():
     assert bnadapt.method_spec("prior").options == {"prior": 16.0, "order": "sequential"}
     assert bnadapt.method_spec("ema").options == {"momentum": 0.1}
     online = [m for m in bnadapt.method_names() if method_spec(m).online]
-    assert online == ["test-batch", "ema", "bank", "tent"]
+    assert online == ["test-batch", "ema", "bank", "tent", "rbn", "dua"]
 
 
 def test_prior_keyword_and_option_are_the_same_knob(tiny):

@@ -331,6 +331,10 @@ def _take(batches: Iterable, n: int | None, dtype: torch.dtype):
         raise ValueError(f"expected n <= the number of images given ({seen}), got n={n}; pass more images or lower n")
 
 
+def _holds_no_images(images) -> bool:
+    return isinstance(images, (torch.Tensor, np.ndarray)) and images.shape[0] == 0
+
+
 def _floating_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model computes in (float16/bfloat16 models take images in their own dtype); float32 by default."""
     for p in model.parameters():
@@ -362,7 +366,8 @@ def adapt(
     Args:
         model: any module with BatchNorm layers, taking the images as given.
         images: target images: uint8 (N, H, W, C) array/tensor, float (N, C, H, W) tensor, or an iterable of batches
-            (or (x, y) pairs). Not needed by ``source``, ``test-batch``, ``ema`` and ``tent``.
+            (or (x, y) pairs). Not needed by ``source``, ``test-batch`` and the online methods (``n=0`` or no
+            images: no warm-up).
         method: one of :func:`method_names`.
         n: number of adaptation images, drawn at random (seeded) from an array; the first n of an iterable; all if
             None.
@@ -371,7 +376,8 @@ def adapt(
         part: adapt ``both`` statistics, only the ``mean`` or only the ``var``.
         layers: glob pattern(s) of BN layer names to adapt (others keep source statistics).
         first: adapt only the first k (selected) BN layers. last: only the last k.
-        momentum: ``ema``'s option ``momentum``: its step towards each new batch's statistics (default 0.1).
+        momentum: the option ``momentum`` of ``ema`` (its step towards each new batch's statistics, default 0.1),
+            ``rbn`` (0.05) and ``dua`` (its first step before decay, 0.1).
         batch_size: micro-batch for estimating statistics (results are exact for any value).
         device: where to estimate (default: the model's device).
         inplace: adapt ``model`` itself instead of a copy.
@@ -403,6 +409,8 @@ def adapt(
     cfg = replace(cfg, device=device, options=opts, reducer=reducer)
     selected = select_layers(found, patterns, first, last)
     target = None
+    if spec.images == "optional" and (n == 0 or _holds_no_images(images)):
+        images = None  # no warm-up: the online methods start from the model's own statistics
     if spec.images == "required" and images is None:
         raise ValueError(f"expected target images for method {method!r}, got none")
     if spec.images != "unused" and images is not None:

@@ -86,8 +86,10 @@ def equivalent_prior(weight: float, n: int) -> float:
 
 class EMAUpdate:
     """Forward pre-hook: move a BN layer's running statistics ``momentum`` of the way towards the incoming batch's
-    before the layer normalises it (``part``: which statistics move). :meth:`snapshot` records the layer's statistics
-    (done when the hook is made) and :meth:`restore` puts them back.
+    before the layer normalises it (``part``: which statistics move). The batch variance is unbiased
+    (``correction=1``, as PyTorch's running update) or biased (``correction=0``); a batch of one value per channel
+    moves only the mean. :meth:`snapshot` records the layer's statistics (done when the hook is made) and
+    :meth:`restore` puts them back.
 
     Example:
         >>> bn = nn.BatchNorm2d(1).eval()
@@ -97,9 +99,10 @@ class EMAUpdate:
         [2.0]
     """
 
-    def __init__(self, layer: nn.Module, momentum: float, part: str = "both") -> None:
+    def __init__(self, layer: nn.Module, momentum: float, part: str = "both", correction: int = 1) -> None:
         self.momentum = momentum
         self.part = part
+        self.correction = correction
         self.snapshot(layer)
 
     def snapshot(self, layer: nn.Module) -> None:
@@ -116,7 +119,7 @@ class EMAUpdate:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         count = x.numel() // x.shape[1]
-        _, var, mean = batch_var_mean(x, correction=1 if count > 1 else 0)
+        _, var, mean = batch_var_mean(x, correction=self.correction if count > 1 else 0)
         m = self.momentum
         if self.part in ("both", "mean"):
             module.running_mean.mul_(1 - m).add_(mean.to(module.running_mean.dtype), alpha=m)

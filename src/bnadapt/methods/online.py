@@ -16,7 +16,7 @@ from torch import nn
 from ..adapt import AdaptConfig, register_method
 from ..bn import EMAUpdate, bn_layers, iter_batches, model_device, use_batch_stats
 
-__all__ = ["Resettable", "reset"]
+__all__ = ["Resettable", "attach_ema", "check_momentum", "reset"]
 
 
 @runtime_checkable
@@ -56,16 +56,31 @@ def test_batch(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) ->
     return model
 
 
-def _check_ema(options: dict) -> None:
+def check_momentum(options: dict) -> None:
+    """Refuse an EMA ``momentum`` option outside (0, 1] (the check of ``ema`` and ``rbn``).
+
+    Example:
+        >>> check_momentum({"momentum": 0.05})
+    """
     if not 0.0 < options["momentum"] <= 1.0:
         raise ValueError(f"expected momentum in (0, 1], got {options['momentum']}")
 
 
-@register_method("ema", images="optional", online=True, options={"momentum": 0.1}, check=_check_ema)
-def ema(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    """Running statistics moved towards each batch's before it is normalised."""
+def attach_ema(
+    model: nn.Module, images, cfg: AdaptConfig, layers: list[str], momentum: float, correction: int = 1
+) -> nn.Module:
+    """Give each of ``layers`` an :class:`~bnadapt.bn.EMAUpdate` hook (``momentum``, batch variance with
+    ``correction``), then stream ``images`` (if any) through ``model``; :func:`reset` returns to the statistics after
+    them. The body of ``ema`` and ``rbn``.
+
+    Example:
+        >>> net = attach_ema(nn.Sequential(nn.BatchNorm2d(2)).eval(), None, AdaptConfig(), ["0"], 0.5)
+        >>> _ = net(torch.full((2, 2, 3, 3), 4.0))
+        >>> net[0].running_mean.tolist()
+        [2.0, 2.0]
+    """
     found = dict(bn_layers(model))
-    hooks = {name: EMAUpdate(found[name], cfg.options["momentum"], cfg.part) for name in layers}
+    hooks = {name: EMAUpdate(found[name], momentum, cfg.part, correction) for name in layers}
     for name, hook in hooks.items():
         found[name].register_forward_pre_hook(hook)
     if images is not None:
@@ -77,3 +92,9 @@ def ema(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Mod
         for name, hook in hooks.items():
             hook.snapshot(found[name])  # reset() returns to the statistics after the given images
     return model
+
+
+@register_method("ema", images="optional", online=True, options={"momentum": 0.1}, check=check_momentum)
+def ema(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
+    """Running statistics moved towards each batch's before it is normalised."""
+    return attach_ema(model, images, cfg, layers, cfg.options["momentum"])
