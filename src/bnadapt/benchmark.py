@@ -451,7 +451,8 @@ def _rows(name: str, cell: Cell, state: list, adapt_on: str | None) -> list[dict
     out = []
     for (method, n, seed), _, acc, secs in state:
         row = {"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0], "severity": cell[1]}
-        row.update(correct=acc.correct, total=acc.total, accuracy=acc.compute(), seconds=round(secs, 4))
+        row.update(correct=acc.correct, correct5=acc.correct5, total=acc.total, accuracy=acc.compute())
+        row.update(top5=acc.compute_top5(), seconds=round(secs, 4))
         out.append({**row, "adapt_on": adapt_on})
     return out
 
