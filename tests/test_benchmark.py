@@ -40,6 +40,8 @@ def test_variants_and_rows(data):
     assert {(r["method"], r["n"], r["seed"]) for r in rows if r["method"] != "replace"} == {
         ("source", 0, None), ("test-batch", 0, None)}  # fmt: skip
     assert all(r["total"] == 40 and r["accuracy"] == r["correct"] / 40 for r in rows)
+    # Top-5 beside top-1; the tiny net has 5 classes, so k = min(5, classes) takes them all: top-5 is 1.0.
+    assert all(r["correct5"] == 40 and r["top5"] == 1.0 for r in rows)
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())  # the caller's model is untouched
 
 

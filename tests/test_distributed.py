@@ -85,7 +85,19 @@ def _two_ranks(p: Path, argv0: list[str], argv1: list[str], **env: str) -> list[
 
 
 def _rows(path: Path) -> list[tuple]:
-    keys = ("model", "method", "n", "seed", "corruption", "severity", "correct", "total", "accuracy")
+    keys = (
+        "model",
+        "method",
+        "n",
+        "seed",
+        "corruption",
+        "severity",
+        "correct",
+        "correct5",
+        "total",
+        "accuracy",
+        "top5",
+    )
     return sorted(tuple(str(r[k]) for k in keys) for r in read_results(path)[1])
 
 

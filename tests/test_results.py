@@ -8,13 +8,23 @@ import logging
 import pytest
 import torch
 
-from bnadapt.metrics import ALEXNET_ERRORS, Accuracy, accuracy, load_baseline, mce
+from bnadapt.metrics import (
+    ALEXNET_ERRORS,
+    Accuracy,
+    accuracy,
+    load_baseline,
+    mce,
+    paired_bootstrap,
+    seed_spread,
+    top5_accuracy,
+)
 from bnadapt.results import RESULTS, Journal, read_results, summarize
 
 
-def _row(method="source", n=0, seed=None, c="fog", s=1, acc=0.5, model="m"):
-    return {"model": model, "method": method, "n": n, "seed": seed, "corruption": c, "severity": s,
-            "correct": int(acc * 100), "total": 100, "accuracy": acc, "seconds": 0.1, "adapt_on": None}  # fmt: skip
+def _row(method="source", n=0, seed=None, c="fog", s=1, acc=0.5, model="m", top5=None):
+    row = {"model": model, "method": method, "n": n, "seed": seed, "corruption": c, "severity": s,
+           "correct": int(acc * 100), "total": 100, "accuracy": acc, "seconds": 0.1, "adapt_on": None}  # fmt: skip
+    return row if top5 is None else {**row, "correct5": int(top5 * 100), "top5": top5}
 
 
 HEADER = {"command": ["bnadapt", "bench"], "fingerprint": {"data": "a"}}
@@ -115,8 +125,76 @@ def test_accuracy_functional_and_stateful_agree():
     for a in range(0, 50, 16):
         m.update(logits[a : a + 16], target[a : a + 16])
     assert m.compute() == accuracy(logits, target) and m.total == 50
+    assert m.compute_top5() == top5_accuracy(logits, target) and m.correct5 >= m.correct
     with pytest.raises(ValueError, match="expected logits"):
         accuracy(logits, target[:3])
+
+
+def test_top5_by_hand_and_with_fewer_than_five_classes():
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3], [9.0, 8, 7, 6, 5, 4, 3], [9.0, 8, 7, 6, 5, 4, 3]])
+    assert top5_accuracy(logits, torch.tensor([0, 4, 5])) == pytest.approx(2 / 3)  # ranks 1 and 5 in, rank 6 out
+    assert accuracy(logits, torch.tensor([0, 4, 5])) == pytest.approx(1 / 3)
+    three = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    assert top5_accuracy(three, torch.arange(20) % 3) == 1.0  # k = min(5, classes): every label is in the top 3
+    # Ties: all-equal scores; argmax says class 0, and top-5 counts that hit whatever order topk returns.
+    tied = torch.zeros(4, 10)
+    assert top5_accuracy(tied, torch.zeros(4, dtype=torch.long)) == 1.0 == accuracy(tied, torch.zeros(4).long())
+
+
+def test_paired_bootstrap_by_hand():
+    mean, lo, hi = paired_bootstrap([0.03] * 7)  # identical differences: the interval has zero width
+    assert mean == pytest.approx(0.03) and lo == pytest.approx(0.03) and hi == pytest.approx(0.03)
+    diffs = [0.01, 0.05, -0.02, 0.08, 0.03, 0.00, 0.04, 0.06]
+    mean, lo, hi = paired_bootstrap(diffs)
+    assert mean == pytest.approx(sum(diffs) / 8) and lo < mean < hi
+    assert min(diffs) < lo and hi < max(diffs)  # a mean's interval is narrower than the data's range
+    assert paired_bootstrap(diffs) == (mean, lo, hi)  # seeded: the same report twice
+    assert paired_bootstrap(diffs, seed=1) != (mean, lo, hi)
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_bootstrap([])
+
+
+def test_seed_spread_by_hand():
+    std, lo, hi = seed_spread([0.6, 0.7, 0.8])
+    assert std == pytest.approx(0.1) and (lo, hi) == (0.6, 0.8)  # ddof=1: sqrt((0.01 + 0 + 0.01) / 2)
+    assert seed_spread([0.6]) == (None, None, None)
+
+
+def _grid(model="m"):
+    """source and replace (2 seeds) on 2 benchmark cells and a held-out one; replace gains 0.1 and 0.3."""
+    rows = [_row("source", c=c, s=s, acc=a, model=model, top5=0.9) for c, s, a in (("fog", 1, 0.5), ("fog", 5, 0.3),
+            ("spatter", 1, 0.4))]  # fmt: skip
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        rows += [_row("replace", 8, seed, "fog", 1, 0.6 + shift, model), _row("replace", 8, seed, "fog", 5, 0.6 + shift,
+                 model), _row("replace", 8, seed, "spatter", 1, 0.9, model)]  # fmt: skip
+    return rows
+
+
+def test_summary_diff_to_source_and_seed_spread():
+    src, rep = summarize(_grid())
+    # Per cell, replace (mean over seeds 0.61) minus source: 0.11 on fog 1, 0.31 on fog 5; spatter is held out.
+    assert rep["diff_to_source"] == pytest.approx(0.21) == rep["mean_acc"] - src["mean_acc"]
+    lo, hi = rep["diff_to_source_ci95"]
+    assert 0.11 - 1e-9 <= lo < 0.21 < hi <= 0.31 + 1e-9 and rep["diff_cells"] == 2
+    assert rep["diff_to_source_note"] is None
+    assert rep["seed_std"] == pytest.approx(0.02 / 2**0.5) == rep["mean_acc_std"]  # seed means 0.60 and 0.62
+    assert (rep["seed_min"], rep["seed_max"]) == pytest.approx((0.6, 0.62))
+    assert src["seed_std"] is None and src["mean_acc_std"] == 0.0 and src["diff_to_source"] is None
+    assert "reference" in src["diff_to_source_note"]
+    alone = summarize([r for r in _grid() if r["method"] != "source"])[0]
+    assert alone["diff_to_source"] is None and alone["diff_to_source_ci95"] is None
+    assert "no source rows of model m" in alone["diff_to_source_note"]
+    json.dumps(summarize(_grid()), allow_nan=False)  # valid JSON throughout
+
+
+def test_top5_in_summaries_and_older_rows_without_it():
+    src, rep = summarize(_grid())
+    assert src["top5"]["mean_acc"] == pytest.approx(0.9) and src["top5"]["per_corruption"]["spatter"] == 0.9
+    assert rep["top5"] is None  # rows of a version before top-5: none, not a made-up number
+    mixed = _grid() + [_row("source", c="contrast", s=1, acc=0.5)]  # a cell resumed from an older run
+    src = summarize(mixed)[0]
+    assert src["top5"]["mean_acc"] is None and src["top5"]["per_corruption"]["fog"] == pytest.approx(0.9)
+    assert src["mean_acc"] == pytest.approx(1.3 / 3)  # top-1 is untouched
 
 
 def test_force_mix_does_not_count_the_other_commands_rows(tmp_path):

@@ -32,7 +32,8 @@ from ._io import write_text
 from .benchmark import BenchConfig, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
-from .report import ABBR, csv_text, md_table, pct, pyplot, save_figure
+from .plots import pyplot, save_figure
+from .report import ABBR, csv_text, md_table, pct
 from .results import RESULTS, cells_by_group, read_results
 
 log = logging.getLogger(__name__)

@@ -200,10 +200,12 @@ class Dist:
         for _, _, theirs in items[1:]:
             for r, t in zip(out, theirs, strict=True):
                 r["correct"] += t["correct"]
+                r["correct5"] += t["correct5"]
                 r["total"] += t["total"]
                 r["seconds"] = max(r["seconds"], t["seconds"])
         for r in out:
             r["accuracy"] = r["correct"] / r["total"] if r["total"] else float("nan")
+            r["top5"] = r["correct5"] / r["total"] if r["total"] else float("nan")
         yield name, cell, out
 
     def shard(self) -> _Shard | None:

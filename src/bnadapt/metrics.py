@@ -1,7 +1,10 @@
-"""Accuracy and the corruption-benchmark metrics: corruption error (CE), mCE and relative mCE.
+"""Accuracy (top-1 and top-5), the corruption-benchmark metrics (corruption error (CE), mCE and relative mCE), and
+the statistics summaries report (paired bootstrap interval, seed spread).
 
 The functional forms and the stateful :class:`Accuracy` share one private ``_update``/``_compute`` pair (the
-torchmetrics layout), so a streamed evaluation and a one-shot call count the same way.
+torchmetrics layout), so a streamed evaluation and a one-shot call count the same way. Top-5 counts a prediction as
+right when the target is among the ``min(5, classes)`` highest logits: with fewer than 5 classes every target is,
+and top-5 is honestly 1.0.
 
 CE of corruption c: ``sum_s E(s, c) / sum_s E_base(s, c)``; mCE: the mean CE over the 15 benchmark corruptions;
 relative mCE subtracts the clean error from both sides (Hendrycks & Dietterich 2019). The baseline is AlexNet on
@@ -16,17 +19,23 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = [
     "ALEXNET_CLEAN_ERROR",
     "ALEXNET_ERRORS",
     "Accuracy",
+    "BOOTSTRAP_RESAMPLES",
+    "TOP_K",
     "Baseline",
     "accuracy",
     "corruption_error",
     "load_baseline",
     "mce",
+    "paired_bootstrap",
+    "seed_spread",
+    "top5_accuracy",
 ]
 
 # AlexNet top-1 error on ImageNet-C, mean over the 5 severities, in the canonical order (REFERENCE section 3).
@@ -50,14 +59,22 @@ ALEXNET_ERRORS: dict[str, float] = {
 ALEXNET_CLEAN_ERROR = 0.4348
 
 
-def _update(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) of top-1 predictions; logits (N, C), integer targets (N,)."""
+TOP_K = 5  # top-5 accuracy: the target among the k highest logits, k = min(TOP_K, classes)
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def _update(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+    """(top-1 correct, top-5 correct, total); logits (N, C), integer targets (N,)."""
     if logits.ndim != 2 or target.ndim != 1 or logits.shape[0] != target.shape[0]:
         raise ValueError(
             f"expected logits (N, C) and targets (N,) with the same N, got {tuple(logits.shape)} and "
             f"{tuple(target.shape)}"
         )
-    return int((logits.argmax(dim=1) == target.to(logits.device)).sum()), int(target.shape[0])
+    target = target.to(logits.device)
+    top1 = logits.argmax(dim=1) == target
+    # The argmax hit counts too, so top-5 >= top-1 even when ties make topk pick other indices.
+    top5 = top1 | (logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices == target[:, None]).any(dim=1)
+    return int(top1.sum()), int(top5.sum()), int(target.shape[0])
 
 
 def _compute(correct: int, total: int) -> float:
@@ -71,34 +88,53 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
         0.5
     """
-    return _compute(*_update(logits, target))
+    correct, _, total = _update(logits, target)
+    return _compute(correct, total)
+
+
+def top5_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-5 accuracy as a fraction: the target among the ``min(5, classes)`` highest logits.
+
+    Example:
+        >>> logits = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])
+        >>> top5_accuracy(logits, torch.tensor([5, 5])), top5_accuracy(logits[:, :3], torch.tensor([2, 2]))
+        (0.5, 1.0)
+    """
+    _, correct5, total = _update(logits, target)
+    return _compute(correct5, total)
 
 
 class Accuracy:
-    """Streaming top-1 accuracy: ``update`` per batch, ``compute`` at the end, ``reset`` to reuse.
+    """Streaming top-1 and top-5 accuracy: ``update`` per batch, ``compute`` (top-1) and ``compute_top5`` at the end,
+    ``reset`` to reuse.
 
     Example:
         >>> m = Accuracy()
         >>> m.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
         >>> m.update(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
-        >>> m.correct, m.total, m.compute()
-        (1, 2, 0.5)
+        >>> m.correct, m.correct5, m.total, m.compute(), m.compute_top5()
+        (1, 2, 2, 0.5, 1.0)
     """
 
     def __init__(self) -> None:
         self.correct = 0
+        self.correct5 = 0
         self.total = 0
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        c, t = _update(logits, target)
+        c, c5, t = _update(logits, target)
         self.correct += c
+        self.correct5 += c5
         self.total += t
 
     def compute(self) -> float:
         return _compute(self.correct, self.total)
 
+    def compute_top5(self) -> float:
+        return _compute(self.correct5, self.total)
+
     def reset(self) -> None:
-        self.correct = self.total = 0
+        self.correct = self.correct5 = self.total = 0
 
 
 class Baseline:
@@ -194,3 +230,41 @@ def mce(
     if not ces:
         return None, None
     return sum(ces) / len(ces), (sum(rces) / len(rces) if rces else None)
+
+
+def paired_bootstrap(
+    diffs: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of paired differences, the interval by resampling them with replacement.
+
+    ``diffs`` holds one paired difference per unit (e.g. per cell: a method's accuracy minus source's on the same
+    cell); the interval is the percentile bootstrap of their mean, seeded, so a report is reproducible.
+
+    Example:
+        >>> paired_bootstrap([0.25, 0.25, 0.25])  # identical differences: an interval of zero width
+        (0.25, 0.25, 0.25)
+        >>> mean, lo, hi = paired_bootstrap([0.0, 0.1, 0.2, 0.3])
+        >>> round(mean, 2), lo < mean < hi
+        (0.15, True)
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0 or resamples < 1:
+        raise ValueError(f"expected a non-empty list of differences and resamples >= 1, got {d.shape} and {resamples}")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def seed_spread(means: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(standard deviation with ddof=1, min, max) of one value per seed; all None with fewer than two seeds.
+
+    Example:
+        >>> seed_spread([0.5, 0.75, 1.0])
+        (0.25, 0.5, 1.0)
+        >>> seed_spread([0.5])
+        (None, None, None)
+    """
+    v = [float(m) for m in means]
+    if len(v) < 2:
+        return None, None, None
+    return float(np.std(v, ddof=1)), min(v), max(v)

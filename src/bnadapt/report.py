@@ -1,5 +1,6 @@
-"""Reports from ``results.jsonl`` alone: ``summary.json``, ``report.md`` (wide tables like the papers, accuracy in %),
-CSV tables, and PNG plots (gain heatmap, accuracy vs severity, accuracy vs n).
+"""Reports from ``results.jsonl`` alone: ``summary.json``, ``report.md`` (wide tables like the papers, top-1 and
+top-5 accuracy in %, each method's difference to source with its paired bootstrap interval and its spread over
+seeds), CSV tables, and PNG plots (gain heatmap, accuracy vs severity, accuracy vs n; drawn by :mod:`bnadapt.plots`).
 
 Plots need matplotlib, imported only when plots are made; without it the tables are written and the plots skipped
 with a one-line warning.
@@ -11,15 +12,14 @@ import csv
 import io
 import logging
 import os
-import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from ._io import atomic_path, write_text
+from ._io import write_text
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
-from .metrics import Baseline
+from .metrics import BOOTSTRAP_RESAMPLES, Baseline
+from .plots import make_figures, pyplot, save_figure
 from .results import KEY_FIELDS, cells_by_group, read_results, summarize, write_summary
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ __all__ = [
     "md_table",
     "pct",
     "pyplot",
-    "save_figure",
+    "save_figure",  # re-exported from bnadapt.plots, where it lives
     "write_plots",
     "write_report",
 ]
@@ -118,65 +118,147 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in body)])
 
 
-def _wide(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
-    present = {c for s in summary for c in s["per_corruption"]}
+_TOP1 = ("mean_acc", "mean_acc_std", "mean_acc_extra", "per_severity", "per_corruption", "clean_acc")
+
+
+def _top5_view(s: dict) -> dict:
+    """``s`` with its top-5 numbers in the top-1 keys (all None where its rows predate top-5), to tabulate alike."""
+    top5 = s["top5"] or {}
+    return {**s, **{k: top5.get(k) for k in _TOP1}, "per_corruption": top5.get("per_corruption") or {}, "mce": None}
+
+
+def _wide(summary: list[dict], missing: str = "-", columns_of: list[dict] | None = None) -> tuple[list[str], list]:
+    """The wide table (one row per method, one column per corruption); ``columns_of``: the summaries whose
+    corruptions make the columns (default ``summary``); ``missing``: the text of an absent value."""
+    columns_of = columns_of or summary
+    present = {c for s in columns_of for c in s["per_corruption"]}
     corr = [c for c in (*COMMON, *EXTRA) if c in present]
     others = sorted(present - set(COMMON) - set(EXTRA))
-    clean = any(s["clean_acc"] is not None for s in summary)
+    clean = any(s["clean_acc"] is not None for s in columns_of)
     mce = any(s["mce"] is not None for s in summary)
     many = len({s["model"] for s in summary}) > 1
     header = ["method", *(["clean"] if clean else []), *(ABBR.get(c, c) for c in [*corr, *others]), "mean"]
     header += ["extra"] if any(c in EXTRA for c in corr) else []
     header += ["mCE", "rel. mCE"] if mce else []
+
+    def p(v: float | None, std: float | None = None) -> str:
+        return missing if v is None else pct(v, std)
+
     body = []
     for s in summary:
-        row = [_name(s, many), *([pct(s["clean_acc"])] if clean else [])]
-        row += [pct(s["per_corruption"].get(c)) for c in [*corr, *others]]
-        row.append(pct(s["mean_acc"], s["mean_acc_std"]))
-        row += [pct(s["mean_acc_extra"])] if "extra" in header else []
-        row += [pct(s["mce"]), pct(s["relative_mce"])] if mce else []
+        row = [_name(s, many), *([p(s["clean_acc"])] if clean else [])]
+        row += [p(s["per_corruption"].get(c)) for c in [*corr, *others]]
+        row.append(p(s["mean_acc"], s["mean_acc_std"]))
+        row += [p(s["mean_acc_extra"])] if "extra" in header else []
+        row += [p(s["mce"]), p(s["relative_mce"])] if mce else []
         body.append(row)
     return header, body
 
 
-def markdown(summary: list[dict], headers: list[dict]) -> str:
-    """The report as markdown: provenance, the wide per-corruption table, and the per-severity table."""
-    many = len({s["model"] for s in summary}) > 1
-    parts = ["# bnadapt benchmark report", ""]
+def _names(names: list[str]) -> str:
+    return ", ".join(ABBR.get(c, c) for c in names)
+
+
+def _scope(summary: list[dict]) -> tuple[str, str, str]:
+    """What ``mean``, ``extra`` and the per-severity table average over, as run: (benchmark corruptions and
+    severities, held-out corruptions, benchmark corruptions)."""
+    present = {c for s in summary for c in s["per_corruption"]}
+    common = [c for c in COMMON if c in present]
+    extra = [c for c in EXTRA if c in present]
+    sev = sorted({int(k) for s in summary for k in s["per_severity"]})
+    if len(common) == len(COMMON):
+        corr = f"the {len(COMMON)} benchmark corruptions"
+    else:
+        corr = f"{len(common)} of the {len(COMMON)} benchmark corruptions ({_names(common)})"
+    sevs = f"{len(sev)} {'severity' if len(sev) == 1 else 'severities'} ({', '.join(map(str, sev))})"
+    held = f"{len(extra)} of the {len(EXTRA)} held-out corruptions ({_names(extra)})" if extra else ""
+    held = f"the {len(EXTRA)} held-out corruptions" if len(extra) == len(EXTRA) else held
+    return (f"{corr} x {sevs}" if common else "no benchmark corruption was run"), held, corr
+
+
+def _provenance(headers: list[dict]) -> list[str]:
     h = headers[-1] if headers else {}
-    if h:
-        cmd = " ".join(h.get("command") or []) or "(library call)"
-        parts += [
-            f"- command: `{cmd}`",
-            f"- data: `{(h.get('data') or {}).get('spec')}`",
-            f"- device: {h.get('device')}",
-            f"- versions: {h.get('versions')}",
-            f"- preprocessing: {h.get('preprocessing')}",
-        ]
-        if len(headers) > 1:
-            parts.append(f"- runs appended to this folder: {len(headers)} (the first: {headers[0].get('time')})")
-        parts.append("")
+    if not h:
+        return []
+    cmd = " ".join(h.get("command") or []) or "(library call)"
+    parts = [
+        f"- command: `{cmd}`",
+        f"- data: `{(h.get('data') or {}).get('spec')}`",
+        f"- device: {h.get('device')}",
+        f"- versions: {h.get('versions')}",
+        f"- preprocessing: {h.get('preprocessing')}",
+    ]
+    if len(headers) > 1:
+        parts.append(f"- runs appended to this folder: {len(headers)} (the first: {headers[0].get('time')})")
+    return [*parts, ""]
+
+
+def markdown(summary: list[dict], headers: list[dict]) -> str:
+    """The report as markdown: provenance, the wide top-1 and top-5 tables, the per-severity table, and each
+    method's difference to source (paired bootstrap 95% interval over cells) and spread over seeds."""
+    many = len({s["model"] for s in summary}) > 1
+    mean_over, held, corr = _scope(summary)
+    parts = ["# bnadapt benchmark report", "", *_provenance(headers)]
     parts += [
-        "Top-1 accuracy in %. mean: the 15 benchmark corruptions x the severities run (± std across seeds); "
-        "extra: the 4 held-out corruptions.",
+        f"Top-1 accuracy in %. mean: {mean_over}, ± std across seeds" + (f"; extra: {held}." if held else "."),
         "",
         md_table(*_wide(summary)),
         "",
+        *_top5_section(summary, held),
     ]
     sev = sorted({int(k) for s in summary for k in s["per_severity"]})
     if sev:
         body = [
             [_name(s, many), *(pct(s["per_severity"].get(str(k))) for k in sev), pct(s["mean_acc"])] for s in summary
         ]
-        parts += [
-            "## Per severity (15 benchmark corruptions)",
-            "",
-            md_table(["method", *(f"s{k}" for k in sev), "mean"], body),
-            "",
-        ]
+        parts += [f"## Per severity ({corr})", "", md_table(["method", *(f"s{k}" for k in sev), "mean"], body), ""]
+    parts += _stats_section(summary, many)
     if any(s["mce"] is not None for s in summary):
         parts += [f"mCE normalised by {next(s['baseline'] for s in summary if s.get('baseline'))} errors.", ""]
     return "\n".join(parts)
+
+
+def _top5_section(summary: list[dict], held: str) -> list[str]:
+    title = ["## Top-5 accuracy", ""]
+    if all(s["top5"] is None for s in summary):
+        return [*title, "n/a: these rows were written before bnadapt recorded top-5; a new run records it.", ""]
+    header, body = _wide([_top5_view(s) for s in summary], "n/a", summary)
+    note = (
+        "Top-5 accuracy in %: the label among the model's 5 highest scores (with fewer than 5 classes, every "
+        "label is, and top-5 is 100). Same columns as above"
+        + ("; n/a: rows written before top-5 was recorded." if any("n/a" in r for r in body) else ".")
+    )
+    return [*title, note, "", md_table(header, body), ""]
+
+
+def _pp(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}"
+
+
+def _stats_section(summary: list[dict], many: bool) -> list[str]:
+    """Difference to source with its paired bootstrap 95% interval, and the spread over seeds, per method."""
+    body, notes = [], []
+    for s in summary:
+        ci = s["diff_to_source_ci95"]
+        diff = "(reference)" if s["method"] == "source" else _pp(s["diff_to_source"])
+        spread = "-" if s["seed_std"] is None else f"{pct(s['seed_min'])}–{pct(s['seed_max'])}"
+        seeds = len([t for t in s["seeds"] if t is not None])
+        interval = "-" if ci is None else f"[{_pp(ci[0])}, {_pp(ci[1])}]"
+        row = [_name(s, many), pct(s["mean_acc"]), diff, interval, str(s["diff_cells"] or "-"), str(seeds or "-")]
+        body.append([*row, pct(s["seed_std"]), spread])
+        if s["diff_to_source_note"] and s["method"] != "source":
+            notes.append(f"- {_name(s, many)}: {s['diff_to_source_note']}.")
+    if all(s["method"] == "source" for s in summary):
+        return []
+    header = ["method", "mean", "Δ to source (pp)", "95% CI (pp)", "cells", "seeds", "seed std", "seed min–max"]
+    text = (
+        "Top-1, benchmark corruptions. Δ: the mean over the cells (corruption x severity) of the method's accuracy, "
+        "averaged over its seeds, minus source's on the same cell; 95% CI: paired bootstrap over those cells "
+        f"({BOOTSTRAP_RESAMPLES} resamples with replacement, seed 0), the uncertainty from which cells were run. "
+        "seed std: standard deviation (ddof=1) across seeds of the method's mean; min–max beside it (- with one seed)."
+    )
+    notes += [""] if notes else []
+    return ["## Difference to source and spread over seeds", "", text, "", md_table(header, body), "", *notes]
 
 
 def csv_text(header: list[str], body: list[list]) -> str:
@@ -216,16 +298,17 @@ def write_report(
     headers, summary, rows = loaded or build_summary(out, baseline)
     written = [write_summary(out, summary)]
     if fmt == "md":
-        text = markdown(summary, headers) + _plot_section(out, summary, rows, plots)
-        written.append(write_text(out / "report.md", text))
-        written += [out / p for p in _PLOTS if (out / p).is_file() and plots]
+        section, made = _plot_section(out, summary, rows, plots)
+        written.append(write_text(out / "report.md", markdown(summary, headers) + section))
+        written += made
     elif fmt == "csv":
         written += _write_csv(out, summary, rows)
     return written
 
 
-_ROW_COLUMNS = (*KEY_FIELDS, "correct", "total", "accuracy", "seconds", "adapt_on")  # results.csv
-_SUMMARY_COLUMNS = ("mean_acc", "mean_acc_std", "mean_acc_extra", "mce")  # table.csv, after the corruptions
+_ROW_COLUMNS = (*KEY_FIELDS, "correct", "correct5", "total", "accuracy", "top5", "seconds", "adapt_on")  # results.csv
+# table.csv, after the corruptions
+_SUMMARY_COLUMNS = ("mean_acc", "mean_acc_std", "mean_acc_extra", "mce", "seed_std", "diff_to_source")
 
 
 def _write_csv(out: Path, summary: list[dict], rows: list[dict]) -> list[Path]:
@@ -234,161 +317,44 @@ def _write_csv(out: Path, summary: list[dict], rows: list[dict]) -> list[Path]:
     written = [write_text(out / "results.csv", csv_text(keys, [[r.get(k) for k in keys] for r in rows]))]
     clean = [CLEAN] if any(s["clean_acc"] is not None for s in summary) else []
     present = clean + [c for c in (*COMMON, *EXTRA) if any(c in s["per_corruption"] for s in summary)]
-    header = ["model", "method", "n", *present, *_SUMMARY_COLUMNS]
+    header = ["model", "method", "n", *present, *_SUMMARY_COLUMNS, "diff_ci95_lo", "diff_ci95_hi", "mean_top5"]
     body = []
     for s in summary:
         accs = [s["clean_acc"] if c == CLEAN else s["per_corruption"].get(c) for c in present]
-        body.append([s["model"], s["method"], s["n"], *accs, *(s[k] for k in _SUMMARY_COLUMNS)])
+        ci = s["diff_to_source_ci95"] or [None, None]
+        top5 = (s["top5"] or {}).get("mean_acc")
+        body.append([s["model"], s["method"], s["n"], *accs, *(s[k] for k in _SUMMARY_COLUMNS), *ci, top5])
     written.append(write_text(out / "table.csv", csv_text(header, body)))
     return written
 
 
-_PLOTS = ("gain_heatmap.png", "acc_vs_severity.png", "acc_vs_n.png")
-
-
-def _plot_section(out: Path, summary: list[dict], rows: list[dict], plots: bool) -> str:
-    made = write_plots(out, summary, rows) if plots else []
-    if not made:
-        return ""
-    return "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n"
-
-
-def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend, or None (with a one-line warning) when it is not installed.
-
-    Example:
-        >>> plt = pyplot()  # doctest: +SKIP
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written")
-        return None
-    return plt
-
-
-def save_figure(plt, fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically and close it; returns the path.
-
-    Example:
-        >>> plt = pyplot()  # doctest: +SKIP
-        >>> save_figure(plt, plt.figure(), Path("runs/r20/plot.png"))  # doctest: +SKIP
-        PosixPath('runs/r20/plot.png')
-    """
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def _plot_section(out: Path, summary: list[dict], rows: list[dict], plots: bool) -> tuple[str, list[Path]]:
+    """The report's plot section (the plots, and a line for each plot not drawn) and the PNGs written."""
+    if not plots:
+        return "", []
+    made, notes = _write_plots(out, summary, rows)
+    if not made and not notes:
+        return "", []
+    lines = ["", "## Plots", "", *(f"![{p.stem}]({p.name})" for p in made)]
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
+    return "\n".join(lines) + "\n", made
 
 
 def write_plots(out: str | os.PathLike[str], summary: list[dict], rows: list[dict]) -> list[Path]:
-    """Write the PNG plots into ``out``; returns them (none, with a warning, when matplotlib is missing)."""
+    """Write the PNG plots into ``out``; returns them (none, with a warning, when matplotlib is missing).
+
+    Example:
+        >>> write_plots("runs/r20", *build_summary("runs/r20")[1:])  # doctest: +SKIP
+        [PosixPath('runs/r20/gain_heatmap.png'), PosixPath('runs/r20/acc_vs_severity.png')]
+    """
+    return _write_plots(Path(out), summary, rows)[0]
+
+
+def _write_plots(out: Path, summary: list[dict], rows: list[dict]) -> tuple[list[Path], list[str]]:
     plt = pyplot()
     if plt is None:
-        return []
-    out = Path(out)
-    made = []
-    groups = cells_by_group(rows)
+        return [], []
     many = len({s["model"] for s in summary}) > 1
     names = {(s["model"], s["method"], s["n"], s.get("adapt_on")): _name(s, many) for s in summary}
-    for fn in (_heatmap, _by_severity, _by_n):
-        fig = fn(plt, groups, names, rows)
-        if fig is not None:
-            path = out / {"heatmap": _PLOTS[0], "by_severity": _PLOTS[1], "by_n": _PLOTS[2]}[fn.__name__.strip("_")]
-            made.append(save_figure(plt, fig, path))
-    return made
-
-
-def _heatmap(plt, groups, names, rows):
-    pairs = []
-    for g, cells in groups.items():
-        src = groups.get((g[0], "source", 0, g[3])) or groups.get((g[0], "source", 0, None))
-        if g[1] != "source" and src:
-            pairs.append((g, cells, src))
-    pairs = pairs[:6]
-    if not pairs:
-        return None
-    corr = [c for c in (*COMMON, *EXTRA) if any(k[0] == c for _, cells, _ in pairs for k in cells)]
-    sev = sorted({k[1] for _, cells, _ in pairs for k in cells if k[0] != CLEAN})
-    if not corr or not sev:  # e.g. a clean set only: nothing to map
-        return None
-    width = 1.5 + len(pairs) * (0.55 * len(sev) + 1.0)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(width, 0.3 * len(corr) + 1.5), squeeze=False)
-    grids = [
-        [
-            [100 * (cells[(c, s)] - src[(c, s)]) if (c, s) in cells and (c, s) in src else float("nan") for s in sev]
-            for c in corr
-        ]
-        for _, cells, src in pairs
-    ]
-    # One colour scale for every panel, so equal colours mean equal gains.
-    lim = max((abs(v) for grid in grids for r in grid for v in r if v == v), default=1.0) or 1.0
-    for i_ax, (ax, (g, _, _), grid) in enumerate(zip(axes[0], pairs, grids, strict=True)):
-        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(sev)), [str(s) for s in sev])
-        ax.set_yticks(range(len(corr)), corr if i_ax == 0 else [], fontsize=7)
-        ax.set_xlabel("severity")
-        ax.set_title(f"{names.get(g, g[1])} − source (pp)", fontsize=8)
-        for i, r in enumerate(grid):
-            for j, v in enumerate(r):
-                if v == v:
-                    color = "white" if abs(v) > 0.6 * lim else "black"
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color=color)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.04, label="accuracy gain (pp)")
-    return fig
-
-
-def _by_severity(plt, groups, names, rows):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    drawn = False
-    for g, cells in groups.items():
-        sev = sorted({s for c, s in cells if c in COMMON})
-        if not sev:
-            continue
-        ys = [100 * statistics.mean(a for (c, s2), a in cells.items() if c in COMMON and s2 == s) for s in sev]
-        xs = list(sev)
-        if (CLEAN, 0) in cells:
-            xs, ys = [0, *xs], [100 * cells[(CLEAN, 0)], *ys]
-        ax.plot(xs, ys, marker="o", label=names.get(g, g[1]))
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("severity (0 = clean)")
-    ax.set_ylabel("accuracy (%), benchmark corruptions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
-
-
-def _by_n(plt, groups, names, rows):
-    per_seed: dict[tuple, dict[int, dict[object, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for r in rows:
-        if r["corruption"] in COMMON:
-            per_seed[(r.get("model"), r["method"], r.get("adapt_on"))][r["n"]][r["seed"]].append(r["accuracy"])
-    sweeps = {k: v for k, v in per_seed.items() if len([n for n in v if n]) > 1}
-    if not sweeps:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (_model, method, _adapt_on), by_n in sweeps.items():
-        ns = sorted(n for n in by_n if n)
-        means = [[100 * statistics.mean(v) for v in by_n[n].values()] for n in ns]
-        ax.plot(ns, [statistics.mean(m) for m in means], marker="o", label=method)
-        ax.fill_between(ns, [min(m) for m in means], [max(m) for m in means], alpha=0.25)
-    for (model, method, adapt_on), by_n in per_seed.items():
-        if (model, method, adapt_on) not in sweeps and 0 in by_n:
-            unadapted = 100 * statistics.mean(a for v in by_n[0].values() for a in v)
-            ax.axhline(unadapted, ls="--", lw=1, label=method, color="gray")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({n for by_n in sweeps.values() for n in by_n if n})
-    ax.set_xticks(ticks, [str(n) for n in ticks])
-    ax.set_xlabel("adaptation images n (log scale)")
-    ax.set_ylabel("accuracy (%), benchmark corruptions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="band: min-max over seeds", title_fontsize=7)
-    return fig
+    figures, notes = make_figures(plt, cells_by_group(rows), names, rows)
+    return [save_figure(plt, fig, out / name) for name, fig in figures], notes

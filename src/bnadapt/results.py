@@ -3,10 +3,13 @@
 ``results.jsonl`` holds one JSON object per line: a header (``{"header": {...}}``: command, versions, preprocessing,
 device, options) when a run starts, then one row per evaluated cell and variant::
 
-    {"model", "method", "n", "seed", "corruption", "severity", "correct", "total", "accuracy", "seconds", "adapt_on"}
+    {"model", "method", "n", "seed", "corruption", "severity", "correct", "correct5", "total", "accuracy", "top5",
+     "seconds", "adapt_on"}
 
 Rows of a cell are appended, flushed and fsynced when the cell finishes, so a killed run loses at most the cell in
-flight. Accuracies are fractions (0..1); only human-facing tables show percentages.
+flight. Accuracies are fractions (0..1); only human-facing tables show percentages. ``top5`` (and ``correct5``)
+count the target among the ``min(5, classes)`` highest logits; rows written before they were recorded lack them and
+read, summarise and report as they are (top-5 shown as n/a).
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import json
 import logging
 import math
 import os
-import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from ._io import write_text
 from .corruptions import COMMON, EXTRA
 from .data import CLEAN
-from .metrics import ALEXNET, Baseline, mce
+from .metrics import ALEXNET, Baseline, mce, paired_bootstrap, seed_spread
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ __all__ = [
     "cells_by_group",
     "read_results",
     "row_key",
+    "source_of",
     "summarize",
     "write_summary",
 ]
@@ -249,13 +255,33 @@ def _acquire_lock(path: Path) -> Path:
     raise ValueError(f"expected to lock {path.parent}, but another process keeps taking {path.name}; retry")
 
 
-def _mean(values: Iterable[float]) -> float | None:
+def _mean(values: Iterable[float | None]) -> float | None:
+    """The mean; None when there is nothing to average or a value is missing (e.g. ``top5`` of an older row)."""
     v = list(values)
-    return sum(v) / len(v) if v else None
+    return None if not v or any(x is None for x in v) else sum(v) / len(v)  # type: ignore[arg-type]
 
 
 def _group_key(row: dict) -> tuple:
     return (row.get("model"), row["method"], row["n"], row.get("adapt_on"))
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[_group_key(r)].append(r)
+    return groups
+
+
+def _by_cell(rows: list[dict], field: str) -> tuple[dict[tuple, float | None], dict[object, dict[tuple, float | None]]]:
+    """(cell -> ``field`` averaged over seeds, seed -> cell -> ``field``); None where a row lacks the field (rows of
+    versions before top-5 have no ``top5``)."""
+    acc: dict[tuple, list[float | None]] = defaultdict(list)
+    by_seed: dict[object, dict[tuple, float | None]] = defaultdict(dict)
+    for r in rows:
+        key = (r["corruption"], r["severity"])
+        acc[key].append(r.get(field))
+        by_seed[r["seed"]][key] = r.get(field)
+    return {k: _mean(v) for k, v in acc.items()}, by_seed
 
 
 def cells_by_group(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
@@ -267,77 +293,145 @@ def cells_by_group(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
         >>> cells_by_group(rows)
         {('m', 'replace', 8, None): {('fog', 3): 0.6}}
     """
-    acc: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        acc[_group_key(r)][(r["corruption"], r["severity"])].append(r["accuracy"])
-    return {g: {c: sum(v) / len(v) for c, v in cells.items()} for g, cells in acc.items()}
+    return {g: _by_cell(rs, "accuracy")[0] for g, rs in _groups(rows).items()}  # type: ignore[misc]
+
+
+def source_of(group: tuple, groups: Mapping[tuple, T]) -> T | None:
+    """What ``groups`` holds for the source rows a (model, method, n, adapt_on) group is compared with: the same
+    model's source of the same ``adapt_on``, else its plain source; None for source itself or a model without one.
+
+    Example:
+        >>> groups = {("m", "source", 0, None): "S", ("m", "replace", 8, None): "R"}
+        >>> source_of(("m", "replace", 8, None), groups), source_of(("m", "source", 0, None), groups)
+        ('S', None)
+    """
+    model, method, _, adapt_on = group
+    if method == "source":
+        return None
+    found = groups.get((model, "source", 0, adapt_on))
+    return found if found is not None else groups.get((model, "source", 0, None))
 
 
 def summarize(rows: list[dict], baseline: Baseline | None = None, imagenet: bool = False) -> list[dict]:
     """One summary object per (model, method, n[, adapt_on]), in first-seen order.
 
-    Keys: ``method``, ``n``, ``seeds``, ``mean_acc`` (the 15 benchmark corruptions x the severities run, mean over
-    seeds), ``mean_acc_std`` (standard deviation across seeds of that mean; 0 for one seed), ``mean_acc_extra`` (the
-    4 held-out corruptions), ``per_severity`` (benchmark corruptions), ``per_corruption`` (all), ``clean_acc``,
-    ``mce`` and ``relative_mce`` (fractions, like the accuracies; None without a baseline: ``baseline`` or AlexNet
-    when ``imagenet``), plus ``model`` and ``cells``.
+    Keys (accuracies are fractions):
+
+    - ``model``, ``method``, ``n``, ``seeds``, ``cells`` (cells evaluated);
+    - ``mean_acc``: top-1 over the benchmark corruptions run (of the 15) x the severities run, mean over seeds;
+      ``mean_acc_std``: its standard deviation across seeds (0 for one seed); ``mean_acc_extra``: the held-out
+      corruptions run (of the 4); ``per_severity`` (benchmark corruptions), ``per_corruption`` (all), ``clean_acc``;
+    - ``seed_std``, ``seed_min``, ``seed_max``: the spread over seeds of each seed's ``mean_acc`` (std with ddof=1);
+      None with one seed;
+    - ``top5``: the same accuracy keys for top-5 (``min(5, classes)``); a value is None where a row lacks ``top5``
+      (rows written before top-5 was recorded), and ``top5`` is None when none of the group's rows has it;
+    - ``diff_to_source``: the mean over the benchmark-corruption cells of (this accuracy, mean over seeds) minus
+      source's on the same cell; ``diff_to_source_ci95``: [lo, hi], the paired bootstrap 95% interval of that mean
+      (cells resampled with replacement, :data:`~bnadapt.metrics.BOOTSTRAP_RESAMPLES` times, seed 0; it reflects
+      which cells were run, not seed noise: see ``seed_std``); ``diff_cells``: the cells paired; when no difference
+      can be formed these are None/0 and ``diff_to_source_note`` says why (None otherwise);
+    - ``mce``, ``relative_mce``: None without a baseline (``baseline``, or AlexNet when ``imagenet``).
 
     Example:
         >>> rows = [{"model": "m", "method": "source", "n": 0, "seed": None, "corruption": "fog", "severity": s,
         ...          "accuracy": a} for s, a in ((1, 0.8), (5, 0.4))]
         >>> s = summarize(rows)[0]
-        >>> round(s["mean_acc"], 3), s["per_severity"]
-        (0.6, {'1': 0.8, '5': 0.4})
+        >>> round(s["mean_acc"], 3), s["per_severity"], s["top5"]
+        (0.6, {'1': 0.8, '5': 0.4}, None)
     """
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[_group_key(r)].append(r)
+    groups = _groups(rows)
     base = baseline if baseline is not None else (ALEXNET if imagenet else None)
-    return [_summary(key, g, base) for key, g in groups.items()]
+    top1 = {key: _by_cell(g, "accuracy") for key, g in groups.items()}
+    out = []
+    for key, g in groups.items():
+        src = source_of(key, top1)
+        out.append(_summary(key, g, top1[key], base, None if src is None else src[0]))
+    return out
 
 
-def _summary(key: tuple, rows: list[dict], baseline: Baseline | None) -> dict:
-    model, method, n, adapt_on = key
-    seeds = sorted({r["seed"] for r in rows}, key=lambda s: (s is None, s if s is not None else 0))
-    acc: dict[tuple, list[float]] = defaultdict(list)  # (corruption, severity) -> accuracy per seed
-    by_seed: dict[object, dict[tuple, float]] = defaultdict(dict)
-    for r in rows:
-        acc[(r["corruption"], r["severity"])].append(r["accuracy"])
-        by_seed[r["seed"]][(r["corruption"], r["severity"])] = r["accuracy"]
-    cell = {k: sum(v) / len(v) for k, v in acc.items()}  # mean over seeds
+def _accuracies(by_cell: tuple[dict, dict]) -> dict:
+    """The accuracy keys of a summary (``mean_acc`` ... ``clean_acc``, seed spread) from :func:`_by_cell`."""
+    cell, by_seed = by_cell
 
-    def subset_mean(names: tuple[str, ...], values: dict[tuple, float]) -> float | None:
+    def subset_mean(names: tuple[str, ...], values: dict[tuple, float | None]) -> float | None:
         return _mean(a for (c, _), a in values.items() if c in names)
 
-    per_seed = [m for m in (subset_mean(COMMON, v) for v in by_seed.values()) if m is not None]
+    per_seed = [subset_mean(COMMON, v) for v in by_seed.values() if any(c in COMMON for c, _ in v)]
+    std, lo, hi = seed_spread(per_seed) if None not in per_seed else (None, None, None)
     severities = sorted({s for c, s in cell if c in COMMON})
     corruptions = [c for c in (*COMMON, *EXTRA) if any(k[0] == c for k in cell)]
     others = sorted({c for c, _ in cell if c not in COMMON and c not in EXTRA and c != CLEAN})
-    clean = cell.get((CLEAN, 0))
+    mean = _mean(per_seed)
+    return {
+        "mean_acc": mean,
+        "mean_acc_std": std if std is not None else (0.0 if mean is not None and len(per_seed) == 1 else None),
+        "seed_std": std,
+        "seed_min": lo,
+        "seed_max": hi,
+        "mean_acc_extra": subset_mean(EXTRA, cell),
+        "per_severity": {str(s): _mean(a for (c, t), a in cell.items() if c in COMMON and t == s) for s in severities},
+        "per_corruption": {c: _mean(a for (d, _), a in cell.items() if d == c) for c in [*corruptions, *others]},
+        "clean_acc": cell.get((CLEAN, 0)),
+    }
+
+
+def _summary(key: tuple, rows: list[dict], top1: tuple[dict, dict], baseline: Baseline | None, source) -> dict:
+    model, method, n, adapt_on = key
+    seeds = sorted({r["seed"] for r in rows}, key=lambda s: (s is None, s if s is not None else 0))
+    cell = top1[0]
+    top5 = _accuracies(_by_cell(rows, "top5")) if any("top5" in r for r in rows) else None
     out = {
         "model": model,
         "method": method,
         "n": n,
         "seeds": seeds,
-        "mean_acc": _mean(per_seed),
-        "mean_acc_std": statistics.stdev(per_seed) if len(per_seed) > 1 else (0.0 if per_seed else None),
-        "mean_acc_extra": subset_mean(EXTRA, cell),
-        "per_severity": {str(s): _mean(a for (c, t), a in cell.items() if c in COMMON and t == s) for s in severities},
-        "per_corruption": {c: _mean(a for (d, _), a in cell.items() if d == c) for c in [*corruptions, *others]},
-        "clean_acc": clean,
+        **_accuracies(top1),
+        "top5": top5,
         "mce": None,
         "relative_mce": None,
         "cells": len(cell),
+        **_versus_source(key, cell, source),
     }
     if adapt_on is not None:
         out["adapt_on"] = adapt_on
     if baseline is not None:
+        clean = out["clean_acc"]
         errors = {c: {s: 1.0 - a for (d, s), a in cell.items() if d == c} for c in COMMON}
         errors = {c: e for c, e in errors.items() if e}
         m, rm = mce(errors, baseline, None if clean is None else 1.0 - clean)
         out["mce"], out["relative_mce"] = m, rm
         out["baseline"] = baseline.name
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+    return _no_nan(out)
+
+
+def _versus_source(key: tuple, cell: dict[tuple, float], source: dict[tuple, float] | None) -> dict:
+    """``diff_to_source``, its paired bootstrap ``diff_to_source_ci95``, ``diff_cells`` and, when none can be
+    formed, ``diff_to_source_note`` saying why."""
+    model, method = key[0], key[1]
+    paired = [c for c in cell if c[0] in COMMON and source is not None and c in source]
+    out: dict = {"diff_to_source": None, "diff_to_source_ci95": None, "diff_cells": len(paired)}
+    if method == "source":
+        note = "source is the reference the other methods are compared with"
+    elif source is None:
+        note = f"no source rows of model {model} to pair with (add source to --methods)"
+    elif not paired:
+        note = "no benchmark-corruption cell evaluated by both this method and source"
+    else:
+        mean, lo, hi = paired_bootstrap([cell[c] - source[c] for c in paired])
+        out.update(diff_to_source=mean, diff_to_source_ci95=[lo, hi])
+        note = None
+    return {**out, "diff_to_source_note": note}
+
+
+def _no_nan(v):
+    """NaN (an empty cell's accuracy) as None, at any depth: JSON has no NaN."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_no_nan(x) for x in v]
+    return v
 
 
 def write_summary(out: str | os.PathLike[str], summary: list[dict]) -> Path:

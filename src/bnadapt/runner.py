@@ -216,7 +216,8 @@ def _rows(name: str, stream: list[Cell], state: list[_State], run: Run) -> list[
         for k, acc in sorted(s.counts.items()):
             cell = stream[k]
             row = {"model": name, "method": method, "n": n, "seed": seed, "corruption": cell[0], "severity": cell[1]}
-            row.update(correct=acc.correct, total=acc.total, accuracy=acc.compute())
+            row.update(correct=acc.correct, correct5=acc.correct5, total=acc.total, accuracy=acc.compute())
+            row.update(top5=acc.compute_top5())
             row.update(seconds=round(s.seconds * acc.total / total, 4), adapt_on=config.adapt_on)
             row.update(order=config.order, setting=config.setting, draw_seed=s.drawn)
             if config.setting != "reset":
