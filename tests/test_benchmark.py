@@ -50,7 +50,8 @@ def test_matches_adapt_then_evaluate(data):
     rows = run_benchmark({"tiny": tiny}, data, BenchConfig(methods=("replace",), ns=(16,), seeds=(3,)))
     cell = data.cell("gaussian_noise", 5)
     x = cell.get(np.arange(len(cell)))
-    manual = adapt(tiny, x[sample_indices(40, 16, draw_seed(3, Cell("gaussian_noise", 5)))], method="replace", batch_size=16)
+    drawn = sample_indices(40, 16, draw_seed(3, Cell("gaussian_noise", 5)))  # each (seed, cell) draws its own
+    manual = adapt(tiny, x[drawn], method="replace", batch_size=16)
     with torch.no_grad():
         pred = manual(to_float_nchw(x)).argmax(1).numpy()
     assert _accs(rows)[("replace", 16, 3, "gaussian_noise", 5)] == float(np.mean(pred == cell.labels))

@@ -37,6 +37,10 @@ def _by_key(rows):
     return {(r["method"], r["n"], r["seed"], r["corruption"], r["severity"], r.get("step")): r for r in rows}
 
 
+def _cell(row):
+    return row["corruption"], row["severity"]
+
+
 def _switches(labels: np.ndarray) -> int:
     return int((np.diff(labels) != 0).sum())
 
@@ -116,7 +120,7 @@ def test_continual_carries_state_and_mixed_keeps_cells(data):
             assert r["correct"] == reset[("source", 0, None, r["corruption"], r["severity"], None)]["correct"]
     # replace adapted once, on the stream's first images (gaussian_noise's): its contrast rows are not reset's.
     second = [r for r in continual if r["method"] == "replace" and r["step"] == 1]
-    assert any(r["correct"] != reset[("replace", 8, 0, r["corruption"], r["severity"], None)]["correct"] for r in second)
+    assert any(r["correct"] != reset[("replace", 8, 0, *_cell(r), None)]["correct"] for r in second)
     mixed = run_benchmark({"t": tiny}, data, BenchConfig(setting="mixed", **cfg))
     assert sorted((r["corruption"], r["severity"]) for r in mixed if r["method"] == "source") == sorted(
         (c.corruption, c.severity) for c in data.cells
@@ -162,9 +166,9 @@ def test_prior_is_schneider_by_default():
     default = adapt(net, x, method="prior")
     theirs = adapt(net, x, method="prior", options={"order": "sequential"})
     ours = adapt(net, x, method="prior", options={"order": "independent"})
-    for a, b, c in zip(default.state_dict().values(), theirs.state_dict().values(), ours.state_dict().values()):
-        assert torch.equal(a, b)
-    assert any(not torch.equal(a, c) for a, c in zip(default.state_dict().values(), ours.state_dict().values()))
+    d, t, o = (list(m.state_dict().values()) for m in (default, theirs, ours))
+    assert all(torch.equal(a, b) for a, b in zip(d, t, strict=True))
+    assert any(not torch.equal(a, c) for a, c in zip(d, o, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -176,8 +180,9 @@ def test_prior_is_schneider_by_default():
     ],
 )
 def test_cli_refuses_bad_protocols(npz, tmp_path, resnet20_checkpoint, capsys, flags, message):
-    base = ["bench", "--model", "cifar10_resnet20", "--checkpoint", str(resnet20_checkpoint), "--data",
-            f"generate:cifar:{npz}", "--out", str(tmp_path / "o"), "--corruptions", "fog", "--severities", "1"]  # fmt: skip
+    data = f"generate:cifar:{npz}"
+    base = ["bench", "--model", "cifar10_resnet20", "--checkpoint", str(resnet20_checkpoint), "--data", data,
+            "--out", str(tmp_path / "o"), "--corruptions", "fog", "--severities", "1"]  # fmt: skip
     try:
         code = main([*base, *flags])
     except SystemExit as e:  # argparse's own refusals

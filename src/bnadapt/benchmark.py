@@ -126,8 +126,6 @@ class BenchConfig:
         return resolve_aliases(method, given, prior=self.prior, momentum=self.momentum)
 
 
-
-
 def variants(config: BenchConfig) -> list[Variant]:
     """Every (method, n, seed) to evaluate per cell; image-free methods (and online ones at n = 0) once, as
     (method, 0, None); offline methods skip n = 0.

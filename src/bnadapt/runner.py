@@ -197,7 +197,8 @@ def _start(model, stream: list[Cell], first: _Segment, need: list[Variant], run:
             m, secs, drawn = _adapted(model, variant, source, cell, run, samples)
         else:
             if variant not in adapted_once:
-                adapted_once[variant] = _adapted(model, variant, run.data.cell(*run.adapt_cell), run.adapt_cell, run, {})
+                cell_set = run.data.cell(*run.adapt_cell)
+                adapted_once[variant] = _adapted(model, variant, cell_set, run.adapt_cell, run, {})
             m, secs, drawn = adapted_once[variant]
             adapted_once[variant] = (m, 0.0, drawn)  # the adaptation's time is counted in its first cell only
             # Online methods keep changing while they run: each cell starts from the state adapt() returned.
@@ -263,9 +264,7 @@ def run_streams(name: str, model: nn.Module, plan: list, run: Run, adapted_once:
         yield stream_label(stream), _rows(name, stream, state, run)
     fallbacks = sum(s.cpu_fallbacks() for s in shown)
     if fallbacks:
-        log.warning(
-            "%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device
-        )
+        log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)
 
 
 def _count(counts: dict, logits: torch.Tensor, y: torch.Tensor, where: int | torch.Tensor) -> None:

@@ -48,7 +48,9 @@ def check_order(order: str) -> float | None:
     except ValueError:
         alpha = None
     if alpha is None or not alpha > 0 or not np.isfinite(alpha):
-        raise ValueError(f"expected --order shuffled, sorted or dirichlet:ALPHA with ALPHA > 0 (e.g. 0.1), got {order!r}")
+        raise ValueError(
+            f"expected --order shuffled, sorted or dirichlet:ALPHA with ALPHA > 0 (e.g. 0.1), got {order!r}"
+        )
     return alpha
 
 
