@@ -48,6 +48,7 @@ def _mixed_folder(root, sizes=((300, 250), (180, 260), (224, 224), (40, 64))):
     "overrides", [{}, {"img_size": 100, "crop_pct": 0.5, "interpolation": "nearest"}, {"interpolation": "bicubic"}]
 )
 def test_timm_model_prepared_as_timms_eval_transform(overrides):
+    pytest.importorskip("timm")
     from timm.data import create_transform, resolve_data_config
 
     model = override_preprocessing(load_model("timm:test_resnet"), **overrides)
@@ -95,6 +96,7 @@ def test_resize_crop_is_imagenet_cs_resize_256_crop_224():
 
 
 def test_builtins_and_timm_resolve_their_preprocessing():
+    pytest.importorskip("timm")
     assert preprocess_of(efficientnet_lite0()) == Preprocess(224, 256, "bilinear")
     assert preprocess_of(load_model("cifar10_resnet20", pretrained=False)) == Preprocess(32, 32)
     assert preprocess_of(load_model("timm:test_resnet")) == Preprocess(160, 168, "bilinear")  # crop_pct 0.95
