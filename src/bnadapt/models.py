@@ -1,11 +1,16 @@
 """Model loading: built-in CIFAR ResNets and EfficientNet-Lite0, ``torchvision:<name>``, ``timm:<name>``, checkpoints.
 
 Every model returned by :func:`load_model` takes float32 NCHW images in [0, 1]: its input normalisation is folded in as
-a :class:`Normalize` layer in front of the network, so datasets, corruptions and adaptation never guess mean/std.
+a :class:`Normalize` layer in front of the network, so datasets, corruptions and adaptation never guess mean/std. Its
+``preprocessing`` dict records how images are brought to its input size; :func:`preprocess_of` reads that as a
+:class:`~bnadapt.data.Preprocess` for the readers, and :func:`override_preprocessing` changes it (timm's flags).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import bn_layers, check_layer_values
+from .data import Preprocess
 
 __all__ = [
     "Normalize",
@@ -24,7 +30,11 @@ __all__ = [
     "model_names",
     "cifar_resnet",
     "efficientnet_lite0",
+    "preprocess_of",
+    "override_preprocessing",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -388,10 +398,115 @@ def _timm_model(arch: str, weights: str | None, num_classes: int | None) -> Clas
             f"weights for timm:{arch} are not in the local cache and bnadapt never downloads ({e}); "
             "pass --checkpoint PATH"
         ) from None
-    cfg = net.pretrained_cfg
+    from timm.data import resolve_data_config
+
+    # timm's own resolution (its defaults filled in where the model's config is silent), as its validate.py uses.
+    cfg = resolve_data_config(model=net)
     prep = {
-        "input_size": list(cfg.get("input_size", (3, 224, 224))),
-        "crop_pct": cfg.get("crop_pct"),
-        "interpolation": cfg.get("interpolation"),
+        "input_size": list(cfg["input_size"]),
+        "crop_pct": cfg["crop_pct"],
+        "interpolation": cfg["interpolation"],
     }
-    return Classifier(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), prep)
+    if cfg.get("crop_mode", "center") != "center":  # recorded only when it differs, so fingerprints stay as they were
+        prep["crop_mode"] = cfg["crop_mode"]
+    return Classifier(net, cfg["mean"], cfg["std"], prep)
+
+
+def _one_size(value, what: str) -> int | None:
+    """A square size from an int, ``[n]``, ``[n, n]`` or ``[c, n, n]``; None (with a warning) when not square."""
+    sizes = [int(value)] if isinstance(value, (int, float)) else [int(v) for v in value][-2:]
+    if len(set(sizes)) != 1:
+        log.warning("%s %s is not square: images are read as they are (pass --img-size N to resize them)", what, value)
+        return None
+    return sizes[0]
+
+
+def preprocess_of(model: nn.Module) -> Preprocess | None:
+    """How images are brought to ``model``'s input, from its ``preprocessing`` record; None when it names no input
+    size (images are then read as they are).
+
+    Torchvision weights and the built-ins record ``resize``/``crop``; timm models ``input_size`` and ``crop_pct``;
+    a record with an input size only (the CIFAR ResNets) means the whole image, resized to it (``crop_pct`` 1).
+
+    Example:
+        >>> preprocess_of(efficientnet_lite0())
+        Preprocess(size=224, resize=256, interpolation='bilinear')
+        >>> preprocess_of(cifar_resnet(20))
+        Preprocess(size=32, resize=32, interpolation='bilinear')
+    """
+    prep = getattr(model, "preprocessing", None) or {}
+    source = "crop" if prep.get("crop") is not None else "input_size"
+    if prep.get(source) is None:
+        return None
+    size = _one_size(prep[source], f"the model's {source}")
+    if size is None:
+        return None
+    interpolation = prep.get("interpolation") or "bilinear"
+    if prep.get("crop_mode", "center") != "center":
+        log.warning("the model's crop mode %r is read as timm's 'center' crop", prep["crop_mode"])
+    if prep.get("resize") is not None:
+        resize = _one_size(prep["resize"], "the model's resize")
+        return None if resize is None else Preprocess(size, resize, interpolation)
+    return Preprocess.from_crop_pct(size, prep.get("crop_pct") or 1.0, interpolation)
+
+
+def override_preprocessing(
+    model: Classifier,
+    *,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    inplace: bool = False,
+) -> Classifier:
+    """``model`` with timm's ``--img-size``, ``--crop-pct``, ``--interpolation``, ``--mean`` and ``--std`` applied
+    (None keeps the model's own value), recorded in its ``preprocessing``; a copy unless ``inplace``.
+
+    A new ``img_size`` alone keeps the model's crop fraction; ``mean``/``std`` replace the normalisation in front of
+    the network.
+
+    Example:
+        >>> m = override_preprocessing(efficientnet_lite0(), img_size=192, interpolation="bicubic")
+        >>> preprocess_of(m)
+        Preprocess(size=192, resize=219, interpolation='bicubic')
+    """
+    if not isinstance(model, Classifier):
+        raise ValueError(
+            f"expected a bnadapt Classifier (from load_model) to change its preprocessing, got {type(model).__name__}"
+        )
+    channels = model.normalize.mean.shape[1]
+    for name, given in (("mean", mean), ("std", std)):  # all checks first: an in-place change is all or nothing
+        if given is not None and (len(given) != channels or not all(math.isfinite(float(v)) for v in given)):
+            raise ValueError(f"expected {channels} finite --{name} values (one per channel), got {list(given)}")
+    if std is not None and min(std) <= 0:
+        raise ValueError(f"expected a positive --std for every channel, got {list(std)}")
+    geometry = None
+    if (img_size, crop_pct, interpolation) != (None, None, None):
+        geometry = _new_geometry(model, img_size, crop_pct, interpolation)
+    model = model if inplace else copy.deepcopy(model)
+    if geometry is not None:
+        model.preprocessing.update(
+            input_size=[channels, geometry.size, geometry.size],
+            resize=geometry.resize,
+            crop=geometry.size,
+            crop_pct=round(geometry.crop_pct, 6),
+            interpolation=geometry.interpolation,
+        )
+    if mean is not None or std is not None:
+        old = model.normalize.mean
+        mean = [float(v) for v in mean] if mean is not None else model.preprocessing["mean"]
+        std = [float(v) for v in std] if std is not None else model.preprocessing["std"]
+        model.normalize = Normalize(mean, std).to(device=old.device, dtype=old.dtype)
+        model.preprocessing.update(mean=list(mean), std=list(std))
+    return model
+
+
+def _new_geometry(model: Classifier, img_size: int | None, crop_pct: float | None, interpolation: str | None):
+    """The model's resize/crop with the given values changed (a model that records none needs ``img_size``)."""
+    base = preprocess_of(model)
+    if base is None:
+        if img_size is None:
+            raise ValueError("expected --img-size N as well: the model records no input size to crop or resize to")
+        base = Preprocess(img_size, img_size)
+    return base.replace(size=img_size, crop_pct=crop_pct, interpolation=interpolation)

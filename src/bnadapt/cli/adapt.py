@@ -10,9 +10,11 @@ from .args import (
     add_follow_links_arg,
     add_model_args,
     add_option_arg,
+    add_preprocessing_args,
     advance,
     expand_corruptions,
     positive_int,
+    preprocessing_overrides,
     progress_bar,
     severities,
 )
@@ -24,7 +26,13 @@ def add_adapt_parser(sub) -> None:
     """Add ``adapt`` to the ``bnadapt`` subparsers ``sub``."""
     p = sub.add_parser("adapt", help="adapt a model's BN statistics to unlabeled target images and save it")
     add_model_args(p)
-    p.add_argument("--images", required=True, type=Path, help="image folder, or .npz/.npy of uint8 NHWC images")
+    add_preprocessing_args(p)
+    p.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="image folder, or .npz/.npy of uint8 NHWC images; brought to the model's input size (see preprocessing)",
+    )
     _add_adaptation_args(p)
     p.add_argument(
         "--out",
@@ -84,13 +92,15 @@ def add_corrupt_parser(sub) -> None:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     """Run ``bnadapt adapt``: adapt --model on --images and save it (or its BN statistics) to --out."""
+    import json
+
     import torch
 
     from .._io import atomic_path
     from ..adapt import OPTION_ALIASES, adapt, is_online, method_options, parse_options, resolve_aliases
     from ..bn import BNStats, bn_layers
     from ..data import read_images
-    from ..models import load_model
+    from ..models import load_model, override_preprocessing, preprocess_of
 
     out: Path = args.out
     if out.suffix not in (".pt", ".pth", ".safetensors"):
@@ -104,7 +114,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         )
     options = parse_options([args.method], args.opt)
     model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint)
-    x, _ = read_images(args.images)
+    model = override_preprocessing(model, inplace=True, **preprocessing_overrides(args))
+    x, _ = read_images(args.images, preprocess=preprocess_of(model))
     t0 = time.perf_counter()
     try:
         adapted = adapt(
@@ -133,6 +144,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         "seed": str(args.seed),
         "model": args.model,
         "images": str(args.images),
+        # The saved checkpoint holds the network only: the resize/crop and mean/std it was adapted under go with it.
+        "preprocessing": json.dumps(model.preprocessing, sort_keys=True),
     }
     # The aliased options (prior's N) are recorded with their effective value, given or not.
     aliased = resolve_aliases(args.method, options, prior=args.prior)

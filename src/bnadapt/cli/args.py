@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "add_follow_links_arg",
     "add_model_args",
     "add_option_arg",
+    "add_preprocessing_args",
     "add_run_args",
     "add_seeds_arg",
     "advance",
@@ -33,6 +35,7 @@ __all__ = [
     "int_list",
     "name_list",
     "positive_int",
+    "preprocessing_overrides",
     "progress_bar",
     "severities",
 ]
@@ -185,9 +188,95 @@ def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--trust-checkpoint", action="store_true", help=f"allow unpickling Python objects ({trusted})")
 
 
+def crop_fraction(text: str) -> float:
+    """Argument type: timm's ``--crop-pct``, a fraction 0 < F <= 1.
+
+    Example:
+        >>> crop_fraction("0.875")
+        0.875
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a crop fraction 0 < F <= 1 (e.g. 0.875), got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Argument type: a finite number (no nan or inf).
+
+    Example:
+        >>> finite_float("0.5")
+        0.5
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Argument type: a finite number above 0 (a standard deviation).
+
+    Example:
+        >>> positive_float("0.25")
+        0.25
+    """
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+_PREPROCESSING_FLAGS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def add_preprocessing_args(p: argparse.ArgumentParser) -> None:
+    """The ``preprocessing`` group (timm's flags): how image files and arrays not of the model's input size are
+    resized and centre-cropped, and the normalisation; a flag left out keeps the model's own value.
+
+    Example:
+        >>> p = Parser(prog="demo")
+        >>> add_preprocessing_args(p)
+        >>> preprocessing_overrides(p.parse_args(["--img-size", "160", "--crop-pct", "0.9"]))
+        {'img_size': 160, 'crop_pct': 0.9}
+    """
+    g = p.add_argument_group(
+        "preprocessing",
+        "image folders and arrays not of the model's input size are resized and centre-cropped to it; by default as "
+        "the model says (timm's data config, torchvision weights' transforms, the built-ins' own)",
+    )
+    g.add_argument("--img-size", type=positive_int, metavar="N", help="input size: images are centre-cropped to NxN")
+    g.add_argument(
+        "--crop-pct",
+        type=crop_fraction,
+        metavar="F",
+        help="crop fraction 0 < F <= 1: the shorter side is first resized to floor(N / F)",
+    )
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
+    g.add_argument(
+        "--mean", type=finite_float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0..1 scale)"
+    )
+    g.add_argument(
+        "--std", type=positive_float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0..1 scale)"
+    )
+
+
+def preprocessing_overrides(args: argparse.Namespace) -> dict:
+    """The preprocessing flags that were given, as keywords of :func:`bnadapt.models.override_preprocessing`."""
+    return {k: getattr(args, k) for k in _PREPROCESSING_FLAGS if getattr(args, k, None) is not None}
+
+
 def add_bench_data_args(p: argparse.ArgumentParser, default_severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
-    """The ``model`` and ``data`` groups of bench, sweep and analyze; ``--severities`` defaults to the given ones."""
+    """The ``model``, ``preprocessing`` and ``data`` groups of bench, sweep and analyze; ``--severities`` defaults
+    to the given ones."""
     add_model_args(p, many=True)
+    add_preprocessing_args(p)
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",

@@ -19,6 +19,7 @@ from .args import (
     int_list,
     name_list,
     positive_int,
+    preprocessing_overrides,
     progress_bar,
 )
 
@@ -158,9 +159,21 @@ def _print_summary(summary: list[dict]) -> None:
         )
 
 
-def _open_bench_data(args: argparse.Namespace):
-    """The cells of --data x --corruptions x --severities, as bench and analyze take them."""
+def _load_models(args: argparse.Namespace) -> dict:
+    """--model name -> model, each with the preprocessing flags applied."""
+    from ..models import load_model, override_preprocessing
+
+    models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+    return {
+        m: override_preprocessing(model, inplace=True, **preprocessing_overrides(args)) for m, model in models.items()
+    }
+
+
+def _open_bench_data(args: argparse.Namespace, models: dict):
+    """The cells of --data x --corruptions x --severities, as bench and analyze take them; folder:/npz: data (and
+    cifar-c's --clean) brought to the models' input size."""
     from ..data import open_data
+    from ..models import preprocess_of
 
     names = expand_corruptions(args.corruptions)
     return open_data(
@@ -172,6 +185,7 @@ def _open_bench_data(args: argparse.Namespace):
         clean=args.clean,
         limit=args.limit_per_cell,
         release_jpeg=args.release_jpeg,
+        preprocess={name: preprocess_of(m) for name, m in models.items()},
     )
 
 
@@ -240,7 +254,6 @@ def _bench(args: argparse.Namespace, dist, device: str) -> int:
 def _bench_inputs(args: argparse.Namespace, dist) -> tuple:
     """The baseline, the data and the models, or the first rank's error raised on every rank."""
     from ..metrics import load_baseline
-    from ..models import load_model
 
     try:  # a mistake on one rank stops every rank, before anything is written
         if args.checkpoint is not None and len(args.model) > 1:
@@ -248,8 +261,8 @@ def _bench_inputs(args: argparse.Namespace, dist) -> tuple:
                 f"expected one --model with --checkpoint, got {len(args.model)} models; run them separately"
             )
         baseline = load_baseline(args.baseline) if args.baseline else None
-        data = _open_bench_data(args)
-        models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+        models = _load_models(args)  # first: folder: data is read at the models' input size
+        data = _open_bench_data(args, models)
     except Exception as e:
         dist.gathered(e, None)
         raise
@@ -331,12 +344,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Run ``bnadapt analyze``: one analysis of one model, its table printed and written under OUT/<analysis>/."""
     from ..analyze import run_analysis
     from ..benchmark import BenchConfig
-    from ..models import load_model
 
     if len(args.model) > 1:
         raise ValueError(f"expected one --model for analyze, got {len(args.model)}; run one analysis per model")
-    data = _open_bench_data(args)
-    model = load_model(args.model[0], args.checkpoint, args.weights, args.trust_checkpoint)
+    models = _load_models(args)
+    data = _open_bench_data(args, models)
+    model = models[args.model[0]]
     config = BenchConfig(
         ns=(args.n,),
         seeds=tuple(args.seeds),

@@ -8,7 +8,9 @@ from __future__ import annotations
 from ._bench import CLEAN, DATA_KINDS, BenchData, Cell, DataSpec, open_data, parse_data_spec
 from ._images import (
     IMAGE_SUFFIXES,
+    INTERPOLATIONS,
     PREPARE,
+    Preprocess,
     as_uint8_nhwc,
     center_crop,
     follow_outside_links,
@@ -25,6 +27,7 @@ from ._sets import (
     FileImages,
     ImageSet,
     IndexedImages,
+    PreparedImages,
     jpeg_roundtrip,
     open_clean,
     read_images,
@@ -36,6 +39,9 @@ __all__ = [
     "DATA_KINDS",
     "Cell",
     "PREPARE",
+    "INTERPOLATIONS",
+    "Preprocess",
+    "PreparedImages",
     "center_crop",
     "resize_crop",
     "IndexedImages",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ._images import load_npy
+from ._images import Preprocess, load_npy
 from ._sets import (
     RELEASE_JPEG_QUALITY,
     ArrayImages,
@@ -129,6 +130,7 @@ def open_data(
     clean: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     release_jpeg: bool = False,
+    preprocess: Preprocess | Mapping[str, Preprocess | None] | None = None,
 ) -> BenchData:
     """Open a ``--data`` source for a benchmark over ``corruptions`` (default all 19) x ``severities``.
 
@@ -141,7 +143,8 @@ def open_data(
 
     Image folders for the ImageNet profile (``generate:imagenet:DIR``, and ``--clean`` of ``imagenet-c`` data) are
     resized to 256 and centre-cropped to 224, as ImageNet-C was made; released ``imagenet-c`` files are read as they
-    are, centre-cropped to 224 only when larger.
+    are, centre-cropped to 224 only when larger. ``preprocess``, the models' own (:class:`Preprocess`, or one per
+    model name, which must agree), brings ``folder:``/``npz:`` data and ``cifar-c``'s ``--clean`` to their input size.
     """
     from ..corruptions import GROUPS
 
@@ -164,7 +167,7 @@ def open_data(
     imagenet = spec.profile == "imagenet" or spec.kind == "imagenet-c"
     prepare = "resize256-crop224" if imagenet else None
     if spec.kind in ("folder", "npz"):
-        base = open_clean(spec.path)
+        base = open_clean(spec.path, _one_preprocess(preprocess, f"{spec.kind}: data"))
         data = BenchData(spec, [(CLEAN, 0)], [], lambda c, s: base)
         data.limit = limit
         return data
@@ -189,13 +192,28 @@ def open_data(
     for m in data.missing:
         log.warning("skipping %s: not in %s", m, spec.path)
     if clean is not None and data.cells[0] != (CLEAN, 0):
-        clean_set, corrupted = open_clean(clean, prepare), data._open
+        clean_prep = prepare if imagenet else _one_preprocess(preprocess, "--clean images")
+        clean_set, corrupted = open_clean(clean, clean_prep), data._open
         data._open = lambda c, s: clean_set if c == CLEAN else corrupted(c, s)
         data.cells.insert(0, Cell(CLEAN, 0))
     if not [c for c in data.cells if c[0] != CLEAN]:
         raise ValueError(f"expected at least one corruption/severity cell in {spec.path}, found none of those asked")
     data.limit = limit
     return data
+
+
+def _one_preprocess(preprocess: Preprocess | Mapping[str, Preprocess | None] | None, what: str) -> Preprocess | None:
+    """The one preprocessing that prepares ``what`` for every model, or a ValueError naming the models that differ."""
+    if preprocess is None or isinstance(preprocess, Preprocess):
+        return preprocess
+    distinct = set(preprocess.values())
+    if len(distinct) <= 1:
+        return next(iter(distinct), None)
+    each = "; ".join(f"{name}: {p or 'as they are'}" for name, p in preprocess.items())
+    raise ValueError(
+        f"expected models that prepare {what} alike, got {each}; run them separately, or make them agree with "
+        "--img-size/--crop-pct/--interpolation"
+    )
 
 
 def _open_cifar_c(spec: DataSpec, names: list[str], sev: list[int]) -> BenchData:

@@ -1,14 +1,16 @@
-"""Low-level image helpers: checks and conversions between uint8 NHWC and float NCHW, file listing, decoding and
-ImageNet-C's resize + centre crop."""
+"""Low-level image helpers: checks and conversions between uint8 NHWC and float NCHW, file listing, decoding, and the
+one resize + centre crop (ImageNet-C's, and each model's own as a :class:`Preprocess`)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -130,13 +132,115 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
 
 
 # How images read from files are prepared (FileImages.prepare): as they are; ImageNet-C's "resize 256, centre crop
-# 224" (torchvision's Resize + CenterCrop, bilinear); or released ImageNet-C files, only centre-cropped when larger.
+# 224" (torchvision's Resize + CenterCrop, bilinear); released ImageNet-C files, only centre-cropped when larger; or a
+# model's own preprocessing, a Preprocess.
 PREPARE = (None, "resize256-crop224", "crop224")
 
+# Interpolations a model's preprocessing may name: torchvision's InterpolationMode values that PIL implements (timm's
+# str_to_interp_mode knows the same six). The command line offers the three that model configs use.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
 
-def decode_image(path: Path, channels: int = 3, prepare: str | None = None) -> np.ndarray:
-    """An image file as a uint8 (H, W, channels) array, prepared as ``prepare`` says (one of :data:`PREPARE`); an
-    unreadable file is a ValueError naming it.
+
+def check_crop_pct(crop_pct: float) -> float:
+    """A crop fraction 0 < F <= 1 (timm's ``crop_pct``), or a ValueError saying so.
+
+    Example:
+        >>> check_crop_pct(0.875)
+        0.875
+    """
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise ValueError(f"expected a crop fraction 0 < crop_pct <= 1 (e.g. 0.875), got {crop_pct!r}")
+    return float(crop_pct)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images are brought to a model's input: the shorter side resized to ``resize`` (aspect ratio kept) with
+    ``interpolation``, then the centre ``size`` x ``size`` cropped: the evaluation transform of timm
+    (``create_transform(..., is_training=False)``, crop mode "center") and of torchvision's weights.
+
+    An image that is already ``size`` x ``size`` is taken as prepared and left as it is (CIFAR arrays, exported crops,
+    ImageNet-C files): resizing and cropping it again would zoom into it.
+
+    Example:
+        >>> p = Preprocess.from_crop_pct(224, 0.875)
+        >>> p.resize, p.crop_pct, str(p)
+        (256, 0.875, 'resize 256 (bilinear), centre crop 224')
+    """
+
+    size: int
+    resize: int
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "resize"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected a positive integer image {name}, got {value!r}")
+        if self.resize < self.size:
+            raise ValueError(f"expected resize >= the crop size {self.size}, got {self.resize}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"expected an interpolation, one of {', '.join(INTERPOLATIONS)}; got {self.interpolation!r}"
+            )
+
+    @classmethod
+    def from_crop_pct(cls, size: int, crop_pct: float = 1.0, interpolation: str = "bilinear") -> Preprocess:
+        """timm's description: input ``size`` and the fraction ``crop_pct`` of the resized image that is kept."""
+        # timm's transforms_imagenet_eval: scale_size = math.floor(img_size / crop_pct).
+        return cls(size, math.floor(size / check_crop_pct(crop_pct)), interpolation)
+
+    @property
+    def crop_pct(self) -> float:
+        """The fraction of the resized image's shorter side that the crop keeps."""
+        return self.size / self.resize
+
+    def replace(
+        self, size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None
+    ) -> Preprocess:
+        """This description with the given values changed (None keeps one); a new ``size`` alone keeps the crop
+        fraction.
+
+        Example:
+            >>> Preprocess(224, 256).replace(size=160).resize
+            182
+        """
+        new_size = self.size if size is None else size
+        if crop_pct is not None:
+            return Preprocess.from_crop_pct(new_size, crop_pct, interpolation or self.interpolation)
+        # In integers: size / crop_pct in floats can land just below a whole number (224 / (224 / 232)).
+        resize = self.resize if size is None else max(new_size, new_size * self.resize // self.size)
+        return Preprocess(new_size, resize, interpolation or self.interpolation)
+
+    def image(self, image):
+        """A PIL image prepared: resized and centre-cropped, or as it is when already ``size`` x ``size``."""
+        if image.size == (self.size, self.size):
+            return image
+        return resize_crop(image, self.resize, self.size, self.interpolation)
+
+    def array(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) images prepared one by one as :meth:`image` does (as they are when of the size).
+
+        Example:
+            >>> Preprocess(4, 8).array(np.zeros((2, 10, 12, 3), np.uint8)).shape
+            (2, 4, 4, 3)
+        """
+        from PIL import Image
+
+        x = as_uint8_nhwc(images)
+        if x.shape[1:3] == (self.size, self.size):
+            return x
+        channels = x.shape[-1]
+        out = [np.asarray(self.image(Image.fromarray(im[..., 0] if channels == 1 else im))) for im in x]
+        return np.stack(out).reshape(len(x), self.size, self.size, channels)
+
+    def __str__(self) -> str:
+        return f"resize {self.resize} ({self.interpolation}), centre crop {self.size}"
+
+
+def decode_image(path: Path, channels: int = 3, prepare: str | Preprocess | None = None) -> np.ndarray:
+    """An image file as a uint8 (H, W, channels) array, prepared as ``prepare`` says (one of :data:`PREPARE`, or a
+    :class:`Preprocess`); an unreadable file is a ValueError naming it.
 
     Example:
         >>> import tempfile
@@ -153,6 +257,8 @@ def decode_image(path: Path, channels: int = 3, prepare: str | None = None) -> n
             im = im.convert("RGB" if channels == 3 else "L")
             if prepare == "resize256-crop224":
                 im = resize_crop(im)
+            elif isinstance(prepare, Preprocess):
+                im = prepare.image(im)
             out = np.asarray(im).reshape(im.height, im.width, channels)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"expected a readable image file, got an unreadable one: {path} ({e})") from e
@@ -160,24 +266,20 @@ def decode_image(path: Path, channels: int = 3, prepare: str | None = None) -> n
 
 
 def resize_crop(image, resize: int = 256, crop: int = 224, resample: str = "bilinear"):
-    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (bilinear, or ``resample`` = "bicubic"),
-    as ImageNet-C was made.
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image (``resample``: one of
+    :data:`INTERPOLATIONS`), as ImageNet-C was made and as timm and torchvision's weights evaluate.
 
     Example:
         >>> from PIL import Image
         >>> resize_crop(Image.new("RGB", (500, 375))).size
         (224, 224)
     """
-    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
-    w, h = image.size
-    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
-    return image.crop((left, top, left + crop, top + crop))
+    # torchvision's own kernels, so the sizes, rounding and crop offsets are theirs; on a PIL image they call Pillow's
+    # resize, which always antialiases (the same call timm's eval transform and ImageClassification make).
+    image = TF.resize(image, [resize], interpolation=TF.InterpolationMode(resample), antialias=True)
+    return TF.center_crop(image, [crop])
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

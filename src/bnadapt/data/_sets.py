@@ -13,6 +13,7 @@ import torch
 from ._images import (
     IMAGE_SUFFIXES,
     PREPARE,
+    Preprocess,
     as_uint8_nhwc,
     center_crop,
     decode_image,
@@ -91,19 +92,22 @@ class ArrayImages(ImageSet):
 
 
 class FileImages(ImageSet):
-    """Images in files, decoded when asked for and prepared as ``prepare`` says (one of :data:`PREPARE`); every
-    image of a cell must have the same size after that."""
+    """Images in files, decoded when asked for and prepared as ``prepare`` says (one of :data:`PREPARE`, or a model's
+    :class:`Preprocess`); every image of a cell must have the same size after that."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, name: str = "images", prepare: str | None = None) -> None:
-        if prepare not in PREPARE:
-            raise ValueError(f"expected prepare to be one of {PREPARE}, got {prepare!r}")
+    def __init__(
+        self, files: list[Path], labels: np.ndarray, name: str = "images", prepare: str | Preprocess | None = None
+    ) -> None:
+        if not isinstance(prepare, Preprocess) and prepare not in PREPARE:
+            raise ValueError(f"expected prepare to be one of {PREPARE} or a Preprocess, got {prepare!r}")
         self.files, self.labels, self.name, self.prepare = list(files), np.asarray(labels, np.int64), name, prepare
         self._fallbacks = 0
 
     def stage(self, indices: np.ndarray, on_device: bool = False) -> object:
-        # Resizing stays with PIL (its antialiased bilinear defines ImageNet-C's images); cropping is exact anywhere.
+        # Resizing stays with PIL (its antialiased resize defines ImageNet-C's images and timm's evaluation); cropping
+        # is exact anywhere.
         jpegs = all(self.files[int(i)].suffix.lower() in (".jpg", ".jpeg") for i in indices)
-        if not on_device or not jpegs or self.prepare == "resize256-crop224":
+        if not on_device or not jpegs or self.prepare not in (None, "crop224"):
             return super().stage(indices)
         return _Encoded([torch.from_numpy(np.fromfile(self.files[int(i)], np.uint8)) for i in indices])
 
@@ -290,7 +294,7 @@ MAX_LABEL = 2**31 - 1  # labels are stored as int64; a larger number is a typo, 
 LIST_FILE = "dataset.txt"  # a folder's image list: lines "<relative path>, <label>" (or separated by spaces)
 
 
-def _list_file(path: Path, prepare: str | None) -> FileImages:
+def _list_file(path: Path, prepare: str | Preprocess | None) -> FileImages:
     """The images a list file names, with their labels; paths are relative to the list file's folder."""
     root = path.parent.resolve()
     files, labels = [], []
@@ -321,7 +325,7 @@ def _list_file(path: Path, prepare: str | None) -> FileImages:
     return FileImages(files, np.array(labels, np.int64), name=str(path.parent), prepare=prepare)
 
 
-def class_folder(root: Path, prepare: str | None = None) -> FileImages:
+def class_folder(root: Path, prepare: str | Preprocess | None = None) -> FileImages:
     """The labelled images of a folder: as its ``dataset.txt`` list says, else ``<class>/<image>`` sub-folders.
 
     Example:
@@ -345,10 +349,11 @@ def class_folder(root: Path, prepare: str | None = None) -> FileImages:
     return FileImages(files, np.array([label[r.parts[0]] for r in rels], np.int64), name=str(root), prepare=prepare)
 
 
-def open_clean(path: str | os.PathLike[str], prepare: str | None = None) -> ImageSet:
+def open_clean(path: str | os.PathLike[str], prepare: str | Preprocess | None = None) -> ImageSet:
     """A labelled clean set from an .npz (``x``, ``y``), a class folder (``<class>/<image>``), or a folder with a
     ``dataset.txt`` list (``<relative image path>, <label>`` per line); folder images are prepared as ``prepare``
-    says (one of :data:`PREPARE`, e.g. ``"resize256-crop224"``)."""
+    says (one of :data:`PREPARE`, e.g. ``"resize256-crop224"``, or a model's :class:`Preprocess`, which also
+    prepares the .npz's images when they are of another size)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -361,15 +366,39 @@ def open_clean(path: str | os.PathLike[str], prepare: str | None = None) -> Imag
     x, y = read_images(path)
     if y is None:
         raise ValueError(f"expected labels 'y' in {path.name} to measure accuracy, got images only")
-    return ArrayImages(x, y, name=path.name)
+    images = ArrayImages(x, y, name=path.name)
+    if isinstance(prepare, Preprocess) and x.shape[1:3] != (prepare.size, prepare.size):
+        return PreparedImages(images, prepare)
+    return images
 
 
-def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+class PreparedImages(ImageSet):
+    """The images of ``base`` brought to a model's input by ``preprocess`` as they are read (arrays of another size).
+
+    Example:
+        >>> base = ArrayImages(np.zeros((2, 40, 50, 3), np.uint8), np.arange(2))
+        >>> PreparedImages(base, Preprocess(32, 36)).get(np.array([0, 1])).shape
+        (2, 32, 32, 3)
+    """
+
+    def __init__(self, base: ImageSet, preprocess: Preprocess) -> None:
+        self.base, self.preprocess = base, preprocess
+        self.labels, self.name = base.labels, base.name
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self.preprocess.array(self.base.get(indices))
+
+
+def read_images(
+    path: str | os.PathLike[str], limit: int | None = None, preprocess: Preprocess | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Read images and optional labels from an .npz (``x`` and ``y``), an .npy, or an image folder.
 
     In a folder, images directly inside sub-folders get labels from the sub-folder names (their sorted position,
     ImageFolder style, or the names themselves when all are integers, as `bnadapt corrupt` writes them);
-    otherwise labels are None. All images must have the same size.
+    otherwise labels are None. With ``preprocess`` (a model's, :func:`bnadapt.models.preprocess_of`), every image
+    not already of the model's input size is resized and centre-cropped to it, so sizes may be mixed; without it,
+    all images must have the same size.
 
     Returns:
         ``(x, y)``: uint8 (N, H, W, C) images and int64 labels or None.
@@ -385,7 +414,7 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
     if not path.exists():
         raise FileNotFoundError(f"expected an image folder, .npz or .npy at {path}, found nothing there")
     if path.is_dir():
-        return _read_folder(path, limit)
+        return _read_folder(path, limit, preprocess)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         x, y = load_npy(path), None
@@ -407,6 +436,8 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
         x = x[:limit]
         y = None if y is None else y[:limit]
     x = as_uint8_nhwc(np.asarray(x), what=f"images in {path.name}")
+    if preprocess is not None:
+        x = preprocess.array(x)
     if y is not None:
         y = np.asarray(y)
         if y.shape != (len(x),) or y.dtype.kind not in "iu":
@@ -417,7 +448,7 @@ def read_images(path: str | os.PathLike[str], limit: int | None = None) -> tuple
     return x, y
 
 
-def _read_folder(root: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_folder(root: Path, limit: int | None, preprocess: Preprocess | None) -> tuple[np.ndarray, np.ndarray | None]:
     files = list_image_files(root)
     if not files:
         raise ValueError(f"expected image files ({', '.join(IMAGE_SUFFIXES)}) in {root}, found none")
@@ -426,6 +457,6 @@ def _read_folder(root: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray 
     by_class = all(len(r.parts) == 2 for r in rels)
     label = _class_labels(sorted({r.parts[0] for r in rels})) if by_class else {}
     y = np.array([label[r.parts[0]] for r in rels], np.int64) if by_class else None
-    # FileImages decodes and checks that every image has the same size, as the benchmark's readers do.
-    images = FileImages(files, np.zeros(len(files), np.int64), name=str(root))
+    # FileImages decodes, prepares and checks that every image has the same size, as the benchmark's readers do.
+    images = FileImages(files, np.zeros(len(files), np.int64), name=str(root), prepare=preprocess)
     return images.get(np.arange(len(files))), y
