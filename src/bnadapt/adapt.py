@@ -10,7 +10,9 @@ itself here with :func:`register_method`. A method takes a copy of the model (ne
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -105,6 +107,15 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
+def _registry() -> dict[str, MethodSpec]:
+    # The built-in methods register themselves when bnadapt.methods is imported, and that package imports this
+    # module; so it is loaded by name on the first use of the registry (not by `import bnadapt`, which stays free of
+    # torch), and `from bnadapt.adapt import adapt` alone still finds every built-in method, first and in order.
+    if f"{__package__}.methods" not in sys.modules:
+        importlib.import_module(f"{__package__}.methods")
+    return _METHODS
+
+
 def register_method(
     name: str,
     images: str = "required",
@@ -131,7 +142,7 @@ def register_method(
         raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _METHODS[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check)
+        _registry()[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check)
         return fn
 
     return deco
@@ -139,7 +150,7 @@ def register_method(
 
 def unregister_method(name: str) -> None:
     """Remove a method added by :func:`register_method` (for tests and plugins)."""
-    _METHODS.pop(name, None)
+    _registry().pop(name, None)
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -149,9 +160,10 @@ def method_spec(name: str) -> MethodSpec:
         >>> method_spec("source").images
         'unused'
     """
-    if name not in _METHODS:
-        raise ValueError(f"expected a method name, one of {', '.join(_METHODS)}; got {name!r}")
-    return _METHODS[name]
+    methods = _registry()
+    if name not in methods:
+        raise ValueError(f"expected a method name, one of {', '.join(methods)}; got {name!r}")
+    return methods[name]
 
 
 def method_options(name: str) -> dict[str, Any]:
@@ -208,7 +220,7 @@ def resolve_aliases(method: str, options: Mapping[str, Any], **aliases: Any) -> 
             raise TypeError(f"expected an option alias from {', '.join(OPTION_ALIASES)}, got {key!r}")
         if value is None:
             continue
-        owners = [s for s in _METHODS.values() if key in s.options]
+        owners = [s for s in _registry().values() if key in s.options]
         for spec in owners:
             value = _coerce(key, value, spec.options[key])
             if spec.check is not None:
@@ -228,7 +240,7 @@ def option_default(key: str) -> Any:
         >>> option_default("prior")
         16.0
     """
-    for spec in _METHODS.values():
+    for spec in _registry().values():
         if key in spec.options:
             return spec.options[key]
     raise ValueError(f"expected an option some method declares, got {key!r}")
@@ -264,7 +276,7 @@ def method_names() -> list[str]:
         >>> method_names()[:3]
         ['source', 'replace', 'prior']
     """
-    return list(_METHODS)
+    return list(_registry())
 
 
 def is_online(name: str) -> bool:
