@@ -32,6 +32,7 @@ from ._io import write_text
 from .benchmark import BenchConfig, run_benchmark
 from .bn import bn_layers
 from .data import CLEAN, ArrayImages, BenchData, Cell
+from .names import ANALYSES
 from .plots import pyplot, save_figure
 from .report import ABBR, csv_text, md_table, pct
 from .results import RESULTS, cells_by_group, read_results
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ANALYSES", "AnalysisResult", "default_ks", "run_analysis"]
 
-ANALYSES = ("transfer", "parts", "depth")
 MAX_IN_MEMORY = 2 << 30  # bytes of uint8 images held at once; larger data is read (and corrupted) by every run
 _CHUNK = 256  # images per read while loading a cell into memory: bounds the corruption engine's working memory
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..names import ANALYSES, BUILTIN_METHODS
 from .args import (
     add_bench_data_args,
     add_follow_links_arg,
@@ -40,8 +41,6 @@ def add_bench_parsers(sub) -> None:
 
 
 def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
-    from ..adapt import method_names
-
     add_bench_data_args(p)
     g = p.add_argument_group("protocol")
     g.add_argument(
@@ -49,7 +48,7 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         type=name_list,
         default=("source", "replace"),
         metavar="M1,M2",
-        help=f"comma list of {', '.join(method_names())} (default: source,replace)",
+        help=f"comma list of {', '.join(BUILTIN_METHODS)} (default: source,replace)",
     )
     g.add_argument(
         "--n",
@@ -115,8 +114,6 @@ def _add_bench_output_args(p: argparse.ArgumentParser) -> None:
 
 def add_analyze_parser(sub) -> None:
     """Add ``analyze`` (transfer, parts, depth) to the ``bnadapt`` subparsers ``sub``."""
-    from ..analyze import ANALYSES
-
     p = sub.add_parser("analyze", help="style-shift analyses: transfer matrix, mean vs variance, first vs last layers")
     p.add_argument(
         "analysis",
