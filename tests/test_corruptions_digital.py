@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from bnadapt.corruptions import REGISTRY as _REGISTRY
-from bnadapt.corruptions import corrupt, to_uint8
-from bnadapt.corruptions.digital import _hsv_roundtrip, _map_coordinates_reflect, _smooth
+from bnadapt.corruptions import corrupt, digital, to_uint8
+from bnadapt.corruptions.digital import _hsv_roundtrip, _map_coordinates_reflect, _smooth, nearest_exact_is_box
 from bnadapt.corruptions.params import TABLES
 from conftest import reference_set, replay
 
@@ -165,3 +165,34 @@ def test_pixelate_blocks_and_jpeg_quality_order():
     assert err[0] < err[1]
     px = corrupt(x, "pixelate", 5, profile="imagenet")  # 0.25: 8x8 blocks of 4x4 pixels
     assert np.array_equal(px, px[:, ::4, ::4].repeat(4, axis=1).repeat(4, axis=2))
+
+
+@pytest.mark.parametrize("by_numpy", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "c"),
+    [
+        ((3, 224, 224, 3), 0.6),
+        ((2, 224, 224, 3), 0.25),
+        ((4, 37, 53, 3), 0.65),
+        ((3, 41, 33, 1), 0.4),
+        ((2, 10, 10, 3), 0.4),
+        ((2, 15, 9, 1), 0.3),
+    ],
+)
+def test_pixelate_is_pillows_two_box_resizes(monkeypatch, shape, c, by_numpy):
+    """Byte for byte the original's per-image PIL calls, on odd sizes, grey, a strided batch, by either way up."""
+    if by_numpy:  # the way up where cv2's nearest-neighbour picks other pixels than BOX (e.g. 4 -> 10)
+        monkeypatch.setattr(digital, "nearest_exact_is_box", lambda *a: False)
+    x = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)[:, ::-1]
+    (h, w), box = shape[1:3], Image.Resampling.BOX
+    small = (int(w * c), int(h * c))
+    ref = [
+        np.asarray(Image.fromarray(im.squeeze(-1) if shape[-1] == 1 else im).resize(small, box).resize((w, h), box))
+        for im in x
+    ]
+    assert np.array_equal(digital.pixelate(x, c, [], "imagenet"), np.stack(ref).reshape(x.shape))
+
+
+def test_nearest_exact_probe_tells_the_sizes_apart():
+    assert nearest_exact_is_box((134, 134), (224, 224), 3)  # ImageNet, severity 1: the fast way up
+    assert not nearest_exact_is_box((4, 4), (10, 10), 3)  # cv2 copies another pixel than BOX for some output pixels
