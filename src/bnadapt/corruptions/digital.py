@@ -415,7 +415,7 @@ def box_upsample_index(in_size: int, out_size: int) -> np.ndarray:
 
     Example:
         >>> box_upsample_index(2, 5).tolist()
-        [0, 0, 0, 1, 1]
+        [0, 0, 1, 1, 1]
     """
     mat = pil_box_matrix(in_size, out_size)
     one = mat == 1 << _PRECISION_BITS
