@@ -369,8 +369,7 @@ def load_model(
 
 
 def _robustbench_model(spec: str, checkpoint, model_dir, pretrained: bool, trust: bool, num_classes) -> Classifier:
-    """A RobustBench model with its normalisation in front, from ``checkpoint``, else (``pretrained``) from
-    RobustBench's folder ``model_dir``, else randomly initialised."""
+    """A RobustBench model, normalisation in front: from checkpoint, else model_dir (pretrained), else random."""
     from . import robustbench
 
     entry = robustbench.entry(spec)
@@ -381,10 +380,9 @@ def _robustbench_model(spec: str, checkpoint, model_dir, pretrained: bool, trust
         )
     net, mean, std = entry.build(entry.num_classes), entry.mean, entry.std
     prep: dict = {"input_size": [3, 32, 32]}
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is None and pretrained:
-        path = robustbench.checkpoint_path(spec, model_dir)
+    path = robustbench.checkpoint_path(spec, model_dir) if checkpoint is None and pretrained else checkpoint
     if path is not None:
+        path = Path(path)
         state, norm = robustbench.checkpoint_state(_torch_load(path, trust), path)
         _load_state(net, state, path)
         mean, std = norm or (mean, std)
