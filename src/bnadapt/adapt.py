@@ -31,6 +31,7 @@ __all__ = [
     "AdaptConfig",
     "MethodSpec",
     "adapt",
+    "bn_free_methods",
     "is_online",
     "method_names",
     "method_options",
@@ -84,7 +85,8 @@ class MethodSpec:
     them ("unused"). ``online``: it keeps adapting during inference (no fixed statistics to save; its model has
     ``reset()``). ``shardable``: its statistics are one :func:`bnadapt.bn.estimate_stats` over the sample, so the
     sample can be split over processes (a callable decides from the options). ``options``: name -> default.
-    ``check``: refuses bad option values (ValueError).
+    ``check``: refuses bad option values (ValueError). ``needs_bn``: it works on BatchNorm statistics, so a model
+    without BN layers is refused (``source`` and ``tent`` run on LayerNorm/GroupNorm models too).
 
     Example:
         >>> method_spec("replace").shardable, method_spec("tent").online
@@ -98,6 +100,7 @@ class MethodSpec:
     shardable: bool | Callable[[Mapping[str, Any]], bool] = False
     options: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
+    needs_bn: bool = True
 
     def can_shard(self, options: Mapping[str, Any]) -> bool:
         """Whether the sample may be split over processes with these options (defaults filled in)."""
@@ -123,6 +126,7 @@ def register_method(
     options: Mapping[str, Any] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
     shardable: bool | Callable[[Mapping[str, Any]], bool] = False,
+    needs_bn: bool = True,
 ) -> Callable[[Method], Method]:
     """Add an adaptation method to the registry under ``name`` (used by :func:`adapt`, the CLI and benchmarks).
 
@@ -142,7 +146,7 @@ def register_method(
         raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _registry()[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check)
+        _registry()[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check, needs_bn)
         return fn
 
     return deco
@@ -164,6 +168,16 @@ def method_spec(name: str) -> MethodSpec:
     if name not in methods:
         raise ValueError(f"expected a method name, one of {', '.join(methods)}; got {name!r}")
     return methods[name]
+
+
+def bn_free_methods() -> list[str]:
+    """The methods that also run on a model without BatchNorm layers (``needs_bn=False``).
+
+    Example:
+        >>> bn_free_methods()
+        ['source', 'tent']
+    """
+    return [name for name, spec in _registry().items() if not spec.needs_bn]
 
 
 def method_options(name: str) -> dict[str, Any]:
@@ -355,6 +369,17 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _bn_layer_names(model: nn.Module, spec: MethodSpec) -> list[str]:
+    """The model's BN layer names; a method that needs BN refuses a model without any."""
+    found = [name for name, _ in bn_layers(model)]
+    if not found and spec.needs_bn:
+        raise ValueError(
+            f"expected a model with BatchNorm layers (with running statistics) for method {spec.name!r}, got none "
+            f"to adapt; on a model without BN use {' or '.join(bn_free_methods())}"
+        )
+    return found
+
+
 def adapt(
     model: nn.Module,
     images=None,
@@ -376,7 +401,8 @@ def adapt(
     """Return a copy of ``model`` whose BatchNorm statistics are adapted to ``images`` by ``method``.
 
     Args:
-        model: any module with BatchNorm layers, taking the images as given.
+        model: any module with BatchNorm layers (``source`` and ``tent`` also without: a LayerNorm ViT), taking the
+            images as given.
         images: target images: uint8 (N, H, W, C) array/tensor, float (N, C, H, W) tensor, or an iterable of batches
             (or (x, y) pairs). Not needed by ``source``, ``test-batch`` and the online methods (``n=0`` or no
             images: no warm-up).
@@ -408,9 +434,7 @@ def adapt(
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, got {batch_size}")
     given = resolve_aliases(method, parse_options([method], options or {}), prior=prior, momentum=momentum)
-    found = [name for name, _ in bn_layers(model)]
-    if not found:
-        raise ValueError("expected a model with BatchNorm layers (with running statistics), got none to adapt")
+    found = _bn_layer_names(model, spec)
     opts = {**spec.options, **given}  # each value already coerced; checked here as one set
     if spec.check is not None:
         spec.check(dict(opts))

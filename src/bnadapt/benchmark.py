@@ -25,6 +25,7 @@ from torch import nn
 
 from ._version import __version__
 from .adapt import (
+    bn_free_methods,
     is_online,
     method_names,
     method_options,
@@ -224,7 +225,7 @@ def _preflight(name: str, model: nn.Module, sets: Sequence[ImageSet], ev: Evalua
     probe = sets[0].get(np.arange(min(2, len(sets[0]))))
     try:
         classes = ev(model, ev.inputs(torch.from_numpy(probe))).shape[-1]
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # timm's models assert their input size
         raise ValueError(
             f"expected images model {name} can take, got {tuple(probe.shape[1:])} (H, W, C) images from "
             f"{sets[0].name} that it could not run on: {str(e).splitlines()[0]}"
@@ -252,6 +253,19 @@ def _check_online_batches(model: nn.Module, layers: list[str], sets: Sequence[Im
         ) from None
 
 
+def _check_bn_free(name: str, model: nn.Module, methods: Sequence[str]) -> None:
+    """A model without BatchNorm layers (a LayerNorm ViT) runs only the methods that need no BN statistics."""
+    if bn_layers(model):
+        return
+    free = bn_free_methods()
+    refused = [m for m in methods if m not in free]
+    if refused:
+        raise ValueError(
+            f"expected --methods that run without BatchNorm for model {name}, which has no BN layers, got "
+            f"{', '.join(refused)} (they adapt BN statistics); use {' or '.join(free)} for it, or bench it apart"
+        )
+
+
 def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig, dist: Dist):
     """Validate, prepare the models and check them on the data: (device, models, evaluator, adapt cell, variants)."""
     config.validate()
@@ -271,6 +285,7 @@ def _setup(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfig
     adapt_cell = parse_cell(config.adapt_on) if config.adapt_on else None
     shard = dist.shard()
     for name, model in models.items():
+        _check_bn_free(name, model, config.methods)
         layers = select_layers([n for n, _ in bn_layers(model)], None, config.first, config.last)
         sets = [data.cell(*c) for c in data.cells]
         if any(is_online(m) for m in config.methods):

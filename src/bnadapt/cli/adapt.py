@@ -14,6 +14,7 @@ from .args import (
     add_preprocessing_args,
     advance,
     expand_corruptions,
+    model_loading,
     positive_int,
     preprocessing_overrides,
     progress_bar,
@@ -113,7 +114,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             "runs; use it from the library (bnadapt.adapt) or in bnadapt bench"
         )
     options = parse_options([args.method], args.opt)
-    model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint)
+    model = load_model(args.model, **model_loading(args))
     model = override_preprocessing(model, inplace=True, **preprocessing_overrides(args))
     x, _ = read_images(args.images, preprocess=preprocess_of(model))
     t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             options=options,
         )
-    except RuntimeError as e:  # the network could not run on these images (size, channels)
+    except (RuntimeError, AssertionError) as e:  # the network could not run on these images (timm asserts sizes)
         raise ValueError(
             f"expected images the model can take, got {tuple(x.shape[1:])} (H, W, C) that it could not run on: "
             f"{str(e).splitlines()[0]}"

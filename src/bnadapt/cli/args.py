@@ -33,6 +33,7 @@ __all__ = [
     "advance",
     "expand_corruptions",
     "int_list",
+    "model_loading",
     "name_list",
     "positive_int",
     "preprocessing_overrides",
@@ -164,28 +165,53 @@ def add_follow_links_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    """The ``model`` group: --model, --checkpoint, --weights, --trust-checkpoint.
+    """The ``model`` group: --model, --checkpoint, --weights, --trust-checkpoint, --num-classes, --model-dir.
 
     ``many=True`` (bench, sweep, analyze) takes one or more --model names; ``adapt`` and ``bank build`` take one.
     """
     g = p.add_argument_group("model")
+    names = "cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>, robustbench:<dataset>/<name>"
     if many:
-        g.add_argument(
-            "--model",
-            required=True,
-            nargs="+",
-            metavar="NAME",
-            help="one or more of cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>",
-        )
+        g.add_argument("--model", required=True, nargs="+", metavar="NAME", help=f"one or more of {names}")
         g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (one model only)")
     else:
-        g.add_argument(
-            "--model", required=True, help="cifar10_resnet20/32/44/56/110, torchvision:<name> or timm:<name>"
-        )
+        g.add_argument("--model", required=True, help=f"one of {names}")
         g.add_argument("--checkpoint", type=Path, help="state dict to load into --model (.pt/.pth/.th)")
     g.add_argument("--weights", help="torchvision weights enum (e.g. IMAGENET1K_V1), from the local cache only")
     trusted = "trusted files" if many else "trusted files only"
     g.add_argument("--trust-checkpoint", action="store_true", help=f"allow unpickling Python objects ({trusted})")
+    g.add_argument(
+        "--num-classes",
+        type=positive_int,
+        metavar="K",
+        help="classes of the model's head (e.g. a fine-tuned --checkpoint); default: the model's own",
+    )
+    g.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models"),
+        metavar="DIR",
+        help="RobustBench's folder: robustbench:<dataset>/<name> is read from DIR/<dataset>/corruptions/<name>.pt "
+        "(default: ./models, as RobustBench)",
+    )
+
+
+def model_loading(args: argparse.Namespace) -> dict:
+    """The ``model`` group's flags (bar --model) as keywords of :func:`bnadapt.models.load_model`.
+
+    Example:
+        >>> p = Parser(prog="demo")
+        >>> add_model_args(p)
+        >>> model_loading(p.parse_args(["--model", "m", "--num-classes", "5"]))["num_classes"]
+        5
+    """
+    return {
+        "checkpoint": args.checkpoint,
+        "weights": args.weights,
+        "trust_checkpoint": args.trust_checkpoint,
+        "num_classes": args.num_classes,
+        "model_dir": args.model_dir,
+    }
 
 
 def crop_fraction(text: str) -> float:

@@ -6,7 +6,16 @@ import argparse
 import time
 from pathlib import Path
 
-from .args import Parser, add_model_args, advance, expand_corruptions, positive_int, progress_bar, severities
+from .args import (
+    Parser,
+    add_model_args,
+    advance,
+    expand_corruptions,
+    model_loading,
+    positive_int,
+    progress_bar,
+    severities,
+)
 
 __all__ = ["add_bank_parser", "cmd_bank"]
 
@@ -83,7 +92,7 @@ def _build(args: argparse.Namespace) -> int:
         clean=args.clean,
         limit=args.limit_per_cell,
     )
-    model = load_model(args.model, args.checkpoint, args.weights, args.trust_checkpoint).to(args.device)
+    model = load_model(args.model, **model_loading(args)).to(args.device)
     bar = progress_bar(0, not args.no_progress, "cond")
     t0 = time.perf_counter()
     try:

@@ -18,6 +18,7 @@ from .args import (
     advance,
     expand_corruptions,
     int_list,
+    model_loading,
     name_list,
     positive_int,
     preprocessing_overrides,
@@ -160,7 +161,7 @@ def _load_models(args: argparse.Namespace) -> dict:
     """--model name -> model, each with the preprocessing flags applied."""
     from ..models import load_model, override_preprocessing
 
-    models = {m: load_model(m, args.checkpoint, args.weights, args.trust_checkpoint) for m in args.model}
+    models = {m: load_model(m, **model_loading(args)) for m in args.model}
     return {
         m: override_preprocessing(model, inplace=True, **preprocessing_overrides(args)) for m, model in models.items()
     }

@@ -25,7 +25,7 @@ __all__ = ["PRIOR_ORDERS", "check_sample"]
 PRIOR_ORDERS = ("independent", "sequential")
 
 
-@register_method("source", images="unused")
+@register_method("source", images="unused", needs_bn=False)
 def source(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
     """The model as it is."""
     return model

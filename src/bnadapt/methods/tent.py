@@ -1,9 +1,13 @@
-"""``tent``: test-time entropy minimisation over the BatchNorm affine parameters (Wang et al., ICLR 2021).
+"""``tent``: test-time entropy minimisation over the normalisation layers' affine parameters (Wang et al., ICLR 2021).
 
 The adapted model normalises every batch with its own statistics (as ``test-batch``) and, on every forward call,
 takes ``steps`` optimiser steps that lower the mean softmax entropy of its predictions on that batch. Only the
 selected BN layers' weight and bias learn; every other parameter stays frozen. Like the paper's code, a call returns
 the logits computed *before* its (last) update, so each batch is predicted once, without a second forward.
+
+A model without BatchNorm (a ViT, a GroupNorm ResNet) learns the weight and bias of its LayerNorm and GroupNorm layers
+instead, as SAR and the other test-time adaptation repositories run tent on ViTs; those layers have no running
+statistics, so nothing else changes. A model with BN layers keeps the paper's choice: BN only.
 
 Online by default: the parameters keep moving across batches, so the result depends on the batch size and on the
 order of the stream. ``episodic=True`` returns to the starting state after every batch instead.
@@ -50,10 +54,25 @@ def _check_options(opts: dict[str, Any]) -> None:
         raise ValueError(f"expected tent option optimizer to be one of {choices}, got {opts['optimizer']!r}")
 
 
+# Normalisation layers without running statistics whose affine parameters tent learns on a model without BN.
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+
+
 def _affine_params(net: nn.Module, layers: list[str]) -> list[nn.Parameter]:
-    """Freeze every parameter of ``net`` except the selected BN layers' weight and bias, and return those."""
+    """Freeze every parameter of ``net`` except the selected BN layers' weight and bias (on a model without BN
+    layers: every LayerNorm/GroupNorm layer's), and return those."""
     found = dict(bn_layers(net))
-    params = [p for name in layers for p in (found[name].weight, found[name].bias) if p is not None]
+    if found:
+        params = [p for name in layers for p in (found[name].weight, found[name].bias) if p is not None]
+    else:
+        norms = [m for m in net.modules() if isinstance(m, NORM_TYPES)]
+        params = [p for m in norms for p in (m.weight, m.bias) if p is not None]
+        if not params:
+            kinds = "/".join(t.__name__ for t in NORM_TYPES)
+            raise ValueError(
+                f"expected BatchNorm or {kinds} layers with affine weight and bias for tent to learn, got none; "
+                "tent needs normalisation layers to adapt"
+            )
     if not params:
         raise ValueError(
             "expected BN layers with affine weight and bias for tent to learn, got none (affine=False); "
@@ -68,7 +87,8 @@ def _affine_params(net: nn.Module, layers: list[str]) -> list[nn.Parameter]:
 class Tent(nn.Module):
     """Wraps ``net`` (kept as ``.net``, so its state dict and BN layers keep their names) and adapts it per call.
 
-    Build it with :func:`bnadapt.adapt` (``method="tent"``), which also puts the BN layers in batch-statistics mode.
+    Build it with :func:`bnadapt.adapt` (``method="tent"``), which also puts the BN layers in batch-statistics mode
+    (a model without BN layers keeps its LayerNorm/GroupNorm layers as they are, and learns their affine parameters).
 
     Example:
         >>> from bnadapt import adapt
@@ -140,9 +160,10 @@ class Tent(nn.Module):
     online=True,
     options={"lr": 1e-3, "optimizer": "adam", "steps": 1, "episodic": False},
     check=_check_options,
+    needs_bn=False,
 )
 def tent(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
-    """test-batch plus entropy steps on the BN affine parameters, as a :class:`Tent` wrapper."""
+    """test-batch plus entropy steps on the BN (else LayerNorm/GroupNorm) affine parameters, as a :class:`Tent`."""
     opts = cfg.options  # checked by _check_options when adapt() parsed them
     params = _affine_params(model, layers)  # before use_batch_stats: bn_layers() only lists layers with buffers
     use_batch_stats(model, layers, cfg.part, "tent")
