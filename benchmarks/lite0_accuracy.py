@@ -1,10 +1,13 @@
-"""Top-1 of the built-in efficientnet_lite0 on ../shared/data/imagenet_val1300 (1300 ImageNet validation images).
+"""Top-1 of the built-in EfficientNet-Lites on ../shared/data/imagenet_val1300 (1300 ImageNet validation images).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lite0_accuracy.py [--limit N] [--resample bicubic]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lite0_accuracy.py [--model NAME ...] [--limit N]
+        [--resample bicubic]
 
-Preprocessing is the ImageNet-C protocol: shorter side resized to 256 (PIL bilinear, which antialiases when it
-shrinks), centre crop 224, [0, 1] floats; the model's own scaling ``(x*255 - 127) / 128`` is folded into it.
-``dataset.txt`` holds lines ``images/<file>, <class 0..999>`` (read by bnadapt's list-file reader).
+Each model reads the images as its ``preprocessing`` says (``bnadapt.models.preprocess_of``): shorter side resized to
+its resolution + 32 (PIL, which antialiases when it shrinks), centre crop to its resolution (224, 240, 260 for Lite0,
+1, 2; for Lite0 this is the ImageNet-C protocol, resize 256, crop 224), [0, 1] floats; the model's own scaling
+``(x*255 - 127) / 128`` is folded into it. ``--resample`` changes only the filter. ``dataset.txt`` holds lines
+``images/<file>, <class 0..999>`` (read by bnadapt's list-file reader).
 """
 
 from __future__ import annotations
@@ -15,25 +18,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from bnadapt import load_model, to_float_nchw
-from bnadapt.data import open_clean, resize_crop
+from bnadapt.data import Preprocess, open_clean
+from bnadapt.models import preprocess_of
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/imagenet_val1300"
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-def read_val(root: Path = DATA, limit: int | None = None, resample: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
-    """The first ``limit`` images of ``root/dataset.txt`` (uint8 NHWC, resized and cropped) and their labels."""
-    images = open_clean(root, prepare="resize256-crop224")
+def read_val(prepare: Preprocess, root: Path = DATA, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` images of ``root/dataset.txt`` (uint8 NHWC, resized and cropped) and their labels.
+
+    Example:
+        >>> x, y = read_val(Preprocess(224, 256), limit=2)  # doctest: +SKIP
+        >>> x.shape
+        (2, 224, 224, 3)
+    """
+    images = open_clean(root, prepare=prepare)
     idx = np.arange(len(images) if limit is None else min(limit, len(images)))
-    if resample == "bilinear":  # the protocol, as bnadapt bench reads generate:imagenet: data
-        return images.get(idx), images.labels[idx]
-    x = []
-    for i in idx:
-        with Image.open(images.files[i]) as im:
-            x.append(np.asarray(resize_crop(im.convert("RGB"), resample=resample)))
-    return np.stack(x), images.labels[idx]
+    return images.get(idx), images.labels[idx]
 
 
 def top1(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 50) -> float:
@@ -46,22 +50,29 @@ def top1(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int =
     return correct / len(x)
 
 
+def measure(name: str, limit: int | None, resample: str, batch_size: int) -> None:
+    """Print ``name``'s top-1 on the shared images, its preprocessing and the wall time."""
+    t0 = time.perf_counter()
+    model = load_model(name)
+    prepare = preprocess_of(model).replace(interpolation=resample)
+    x, y = read_val(prepare, limit=limit)
+    acc = top1(model, x, y, batch_size)
+    n = len(y)
+    print(f"{name} top-1 on {n} images of {DATA.name}, {prepare}: {100 * acc:.2f}% ({round(acc * n)} correct)")
+    print(f"preprocessing: {model.preprocessing}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", choices=LITES, default=["efficientnet_lite0"], help="one or more models")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--resample", choices=("bicubic", "bilinear"), default="bilinear", help="resize filter")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the machine is shared
-    t0 = time.perf_counter()
-    x, y = read_val(limit=args.limit, resample=args.resample)
-    model = load_model("efficientnet_lite0")
-    acc = top1(model, x, y, args.batch_size)
-    n = len(y)
-    where = f"{n} images of {DATA.name}, {args.resample} resize"
-    print(f"efficientnet_lite0 top-1 on {where}: {100 * acc:.2f}% ({round(acc * n)} correct)")
-    print(f"preprocessing: {model.preprocessing}")
-    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    for name in args.model:
+        measure(name, args.limit, args.resample, args.batch_size)
 
 
 if __name__ == "__main__":

