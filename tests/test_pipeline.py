@@ -226,3 +226,21 @@ def test_item_cost_weighs_images_variants_and_the_corruption():
 def test_one_process_takes_every_item_in_plan_order():
     take = Dist().queue([1.0, 5.0, 3.0])
     assert [take() for _ in range(4)] == [0, 1, 2, None]
+
+
+def test_schedule_sim_reads_a_results_folder(tmp_path: Path, capsys, one_thread):
+    import runpy
+
+    from bnadapt.benchmark import BenchConfig, run_benchmark
+    from conftest import make_tiny
+
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 32, 32, 3), np.uint8), y=np.arange(8) % 5)
+    data = open_data(f"generate:cifar:{tmp_path / 'c.npz'}", ["contrast", "fog"], [1, 5])
+    run_benchmark({"tiny": make_tiny()}, data, BenchConfig(ns=(4,), batch_size=8), out=tmp_path / "run")
+    script = Path(__file__).parents[1] / "benchmarks" / "schedule_sim.py"
+    module = runpy.run_path(str(script))
+    assert module["main"](["--results", str(tmp_path / "run"), "--ranks", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "5 cells, 2 ranks" in line
+    rr, estimated, true = (float(v) for v in line.split()[-3:])
+    assert 0 < rr <= 1 and 0 < estimated <= 1 and 0 < true <= 1
