@@ -5,7 +5,9 @@
     nothing else, for ``imagenet-c:`` files (224x224 JPEG q85, as released) and ``generate:imagenet:`` (a clean folder
     resized 256 + cropped 224, then corrupted) with and without the prepared cache, with 0 and 2 DataLoader workers;
 (c) ``run_benchmark`` (what ``bnadapt bench`` runs) with method ``source``, on the first ``--bench-cells`` cells and
-    the clean one: data and forward together.
+    the clean one: data and forward together;
+(d) bench's inner loop alone (load a batch, run the forward) with the prefetching stage off and on: on a GPU the
+    stage finishes batch k+1 (decoding, torch-path corruption, the copy) on a side stream during batch k's forward.
 
 The clean folder holds 500x375 JPEGs (quality 90, the usual ImageNet validation size), made by enlarging images of
 ../shared/data/imagenet_val1300 (227x227); synthetic images when ../shared is absent. The cells are the 15 benchmark
@@ -85,6 +87,19 @@ def data_rate(data, device: torch.device, batch: int, jobs: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def loop_rate(model, data, device: torch.device, batch: int, jobs: int, prefetch: bool) -> float:
+    """bench's inner loop alone: each batch loaded, then the forward; ``prefetch`` finishes the next batch meanwhile."""
+    sets = [data.cell(*c) for c in data.cells if c[0] != "clean"]
+    t0 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for _, x, _ in iter_batches_of(sets, batch, jobs, device.type == "cuda", device, prefetch=prefetch):
+            model(x.permute(0, 3, 1, 2).float().div_(255))
+            n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
 def bench_rate(model, data, device: torch.device, batch: int, jobs: int) -> float:
     config = BenchConfig(methods=("source",), batch_size=batch, jobs=jobs, device=str(device))
     images = sum(len(data.cell(*c)) for c in data.cells)
@@ -142,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             ("(c) bench source: generate:imagenet, prepared cache", open_data(gen, few, sev, cache=Path(tmp) / "c")),
         ):
             rows.append((label, str(jobs), bench_rate(model, data, device, args.batch_size, jobs)))
+        few_cells = open_data(gen, few, sev, cache=Path(tmp) / "c")
+        for prefetch in (False, True):
+            rate = loop_rate(model, few_cells, device, args.batch_size, jobs, prefetch)
+            rows.append(
+                (f"(d) load + forward loop, generate cache, prefetch {'on' if prefetch else 'off'}", str(jobs), rate)
+            )
     width = max(len(r[0]) for r in rows)
     print(f"\n{'what':<{width}}  workers  images/s  x forward")
     for what, jobs, rate in rows:
