@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """bnadapt's cache (the prepared images of generate:imagenet folders) in a temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BNADAPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture
 def shared() -> Path:
     """Path of ../shared (tests using it must carry the `shared` marker)."""

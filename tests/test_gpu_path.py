@@ -41,9 +41,14 @@ def test_bad_amp_and_decode_values_are_refused():
 def test_amp_bf16_on_cpu_stays_close_to_float32(tmp_path: Path, one_thread):
     write_imagenet_c(tmp_path, 224)
     data = open_data(f"imagenet-c:{tmp_path}", ["fog"], [1, 2])
-    base = _accs(run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(4,), batch_size=3)))
-    amp = _accs(run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(4,), batch_size=3, amp="bf16")))
-    assert base.keys() == amp.keys() and all(abs(base[k] - amp[k]) <= 1 / 3 for k in base)
+    def correct(amp):
+        rows = run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(4,), batch_size=3, amp=amp))
+        return {(r["method"], r["severity"]): r["correct"] for r in rows}
+
+    base, bf16 = correct(False), correct("bf16")
+    # The random tiny net's logits nearly tie, so bf16 may flip a few of a cell's 6 predictions: at most 2 (counts,
+    # not accuracies: 3/6 - 1/6 is a hair above 1/3 in floating point).
+    assert base.keys() == bf16.keys() and all(abs(base[k] - bf16[k]) <= 2 for k in base)
 
 
 @pytest.mark.cuda

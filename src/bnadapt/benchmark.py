@@ -39,6 +39,7 @@ from .data import BenchData, Cell, ImageSet
 from .distributed import Dist, check_shardable
 from .results import Journal, read_results
 from .runner import Evaluator, Run, Variant, run_streams
+from .schedule import item_cost
 from .streams import SETTINGS, check_order, plan_streams
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ def run_benchmark(
     try:
         rows: list[dict] = []
         run = Run(data, config, ev, adapt_cell, dist.shard(), set(done or ()))
-        cells = _streams(models, dist.mine(plan), run)
+        cells = _streams(models, plan, run, dist)
         for finished, (name, cell, cell_rows) in enumerate(dist.exchange(cells, len(plan)), start=1):
             if journal is not None:
                 journal.append(cell_rows)
@@ -403,10 +404,14 @@ def _accuracies(cell_rows: list[dict], several_n: bool) -> dict[str, float]:
     return {r["method"] + (f"@{r['n']}" if several_n and r["n"] else ""): r["accuracy"] for r in cell_rows}
 
 
-def _streams(models: Mapping[str, nn.Module], plan, run: Run):
-    """Yield (model name, stream label, rows) for each planned (model, stream, variants) item, model by model."""
+def _streams(models: Mapping[str, nn.Module], plan, run: Run, dist: Dist):
+    """Yield (model name, stream label, rows) for each (model, stream, variants) item this rank takes from the
+    model's queue (:meth:`Dist.queue`), model by model."""
+    generated = run.data.spec.kind == "generate"
     for name, model in models.items():
         mine = [(stream, need) for m, stream, need in plan if m == name]
+        costs = [item_cost(s, [len(run.data.cell(*c)) for c in s], len(need), generated) for s, need in mine]
+        take = dist.queue(costs)
         adapted_once: dict = {}
-        for label, rows in run_streams(name, model, mine, run, adapted_once):
+        for label, rows in run_streams(name, model, mine, run, adapted_once, take):
             yield name, label, rows

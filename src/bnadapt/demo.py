@@ -19,6 +19,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .adapt import adapt
+from .data import cache_dir as user_cache_dir
 from .data import to_float_nchw
 from .models import Classifier
 
@@ -53,10 +54,8 @@ class DemoRow:
 
 
 def cache_dir() -> Path:
-    """``$BNADAPT_CACHE``, else ``$XDG_CACHE_HOME/bnadapt``, else ``~/.cache/bnadapt``."""
-    if os.environ.get("BNADAPT_CACHE"):
-        return Path(os.environ["BNADAPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnadapt"
+    """``$BNADAPT_CACHE``, else ``$XDG_CACHE_HOME/bnadapt``, else ``~/.cache/bnadapt`` (the data cache's folder)."""
+    return user_cache_dir()
 
 
 def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

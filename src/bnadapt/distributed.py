@@ -2,8 +2,11 @@
 
 Two ways to split the work (``Dist.shard_cells``):
 
-- cells (default): the (model, cell) work items go round-robin to the ranks; after each round every rank sends its
-  finished rows to rank 0, which alone writes ``results.jsonl`` (one fsynced append per cell, in plan order).
+- cells (default): the (model, stream) work items wait in one queue per model, longest first by an estimated cost
+  (:mod:`bnadapt.schedule`); a rank takes the next one when it is ready for it (a counter in the process group's
+  store), so no rank waits for another until the queue is empty. Each rank puts its finished rows in the store;
+  rank 0 alone writes ``results.jsonl`` (one fsynced append per cell), collecting them after each of its own items
+  and at the end.
 - ``--shard-cells``: every rank runs every cell on its contiguous block of the cell's images; the correct/total
   counts of each row are summed on rank 0. The n adaptation images (the same seeded draw on every rank) are split
   over the ranks too, for the methods whose statistics come from one :func:`bnadapt.bn.estimate_stats` (their
@@ -13,8 +16,10 @@ Two ways to split the work (``Dist.shard_cells``):
   offline methods adapt on the whole sample on every rank (identical by construction); online methods depend on
   which images share a batch and are refused.
 
-Failures: every rank checks its setup and options before anything is written; a rank whose cell fails tells the
-others in the next exchange, and they stop after rank 0 has written every finished cell (:class:`RankFailure`).
+Failures: every rank checks its setup and options before anything is written; a rank whose cell fails marks the
+store, the others take no further item, and all stop after rank 0 has written every finished cell
+(:class:`RankFailure`). A rank that dies is noticed in the final exchange, which every rank joins when its queue is
+empty.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -36,12 +42,14 @@ from .adapt import is_online, method_spec
 from .bn import BatchReducer
 from .data import ImageSet, IndexedImages
 from .errors import USER_ERRORS
+from .schedule import longest_first
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TIMEOUT", "Dist", "RankFailure", "check_shardable", "init_from_env"]
 
-DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for the others at an exchange (the slowest cell of a round)
+DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for the others at an exchange (the slowest cell in progress)
+_FAILED = "bnadapt/failed"  # set in the store by a rank whose cell failed: the others take no further item
 _FAIL_ENV = "BNADAPT_TEST_FAIL_RANK"  # tests only: "K" makes rank K raise after its first cell, "K:exit" exit hard
 
 
@@ -84,13 +92,17 @@ class Dist:
 
     Example:
         >>> d = Dist()
-        >>> d.rank, d.world, d.mine([1, 2, 3]), d.gathered(None, {"x": 1})
-        (0, 1, [1, 2, 3], None)
+        >>> take = d.queue([1.0, 3.0])
+        >>> d.rank, d.world, [take(), take(), take()], d.gathered(None, {"x": 1})
+        (0, 1, [0, 1, None], None)
     """
 
     def __init__(self, rank: int = 0, world: int = 1, shard_cells: bool = False, backend: str | None = None) -> None:
         self.rank, self.world, self.shard_cells, self.backend = rank, world, shard_cells, backend
         self._fail = _test_failure(rank)
+        self._queues = 0  # queues made so far: every rank makes them in the same order, so the n-th is shared
+        self._published = 0  # items this rank has put in the store
+        self._seen = [0] * world  # rank 0: items of each rank collected from the store
 
     # -- start: agree on options and on the plan ------------------------------------------------------------------
 
@@ -143,25 +155,109 @@ class Dist:
 
     # -- the work -------------------------------------------------------------------------------------------------
 
-    def mine(self, plan: list) -> list:
-        """The work items of this rank: every item with ``shard_cells`` (each rank runs a part of every cell), else
-        every ``world``-th one."""
-        return list(plan) if self.shard_cells else list(plan[self.rank :: self.world])
+    def queue(self, costs: Sequence[float]) -> Callable[[], int | None]:
+        """A function that gives this rank the position of its next item in a list of items costing ``costs``, or
+        None when there is none left (or a rank failed).
+
+        Several ranks without ``shard_cells`` share one queue, longest first (:func:`bnadapt.schedule.longest_first`):
+        each item goes to the rank that asks first. A single process, and every rank with ``shard_cells`` (each runs
+        a part of every item), get every item in list order. Every rank must make its queues in the same order.
+        """
+        if self.world == 1 or self.shard_cells:
+            items = iter(range(len(costs)))
+            return lambda: next(items, None)
+        order, key = longest_first(costs), f"bnadapt/queue/{self._queues}"
+        self._queues += 1
+        store = _store()
+
+        def take() -> int | None:
+            if store.check([_FAILED]):
+                return None
+            n = store.add(key, 1) - 1
+            return order[n] if n < len(order) else None
+
+        return take
 
     def exchange(self, cells: Iterator[tuple[str, Any, list[dict]]], total: int) -> Iterator[tuple[str, Any, list]]:
         """Run this rank's ``cells`` (``(model, cell, rows)`` as they finish) and yield every rank's finished cells on
-        rank 0, in plan order (nothing elsewhere); ``total`` is the number of planned cells.
+        rank 0 (nothing elsewhere); ``total`` is the number of planned cells.
 
         Raises :class:`RankFailure` on every rank when one failed, after yielding what finished before.
         """
         if self.world == 1 and self._fail is None:
             yield from cells
-            return
-        rounds = total if self.shard_cells else -(-total // self.world)
+        elif self.shard_cells:
+            yield from self._exchange_rounds(cells, total)
+        else:
+            yield from self._exchange_queued(cells)
+
+    def _exchange_queued(self, cells: Iterator[tuple[str, Any, list[dict]]]) -> Iterator[tuple[str, Any, list]]:
+        """Items taken from a shared queue: rows travel through the store as they finish; one exchange at the end."""
+        error: BaseException | None = None
         finished = 0
-        for _ in range(rounds):
+        try:
+            for item in cells:
+                finished += 1
+                if self.rank == 0:
+                    yield item
+                    yield from self._collect()
+                else:
+                    self._publish(item)
+                if self._fail is not None and finished == 1:
+                    self._fail()
+        except RankFailure:  # SIGTERM: torchrun is stopping every rank
+            raise
+        except Exception as e:
+            error = e
+            if not isinstance(e, USER_ERRORS):
+                traceback.print_exc()  # a bug: its traceback, on the rank where it happened
+            if self.world > 1:
+                _store().set(_FAILED, str(self.rank))
+        mine = ("ok", None) if error is None else ("failed", _describe(error), isinstance(error, USER_ERRORS))
+        try:
+            everyone = self._all_gather(mine) if self.world > 1 else [mine]
+        except RuntimeError as e:  # a rank died (connection closed) or hung past the timeout
+            if self.rank == 0:
+                yield from self._collect(quiet=True)
+            raise RankFailure(None, f"lost contact with it: {_describe(e)[0]}") from (error or e)
+        if self.rank == 0:
+            yield from self._collect()
+        failed = [(k, m) for k, m in enumerate(everyone) if m[0] == "failed"]
+        if failed:
+            k, (_, (reason, _), user) = failed[0]
+            raise RankFailure(k, reason, user) from error
+
+    def _publish(self, item: tuple[str, Any, list[dict]]) -> None:
+        store = _store()
+        store.set(f"bnadapt/rows/{self.rank}/{self._published}", pickle.dumps(item))
+        self._published += 1
+        store.add(f"bnadapt/done/{self.rank}", 1)  # after the rows: rank 0 reads only what is there
+
+    def _collect(self, quiet: bool = False) -> Iterator[tuple[str, Any, list[dict]]]:
+        """Rank 0: the items the other ranks have put in the store since the last call (``quiet``: a store that no
+        longer answers gives nothing, as when the rank hosting it died)."""
+        if self.world == 1:
+            return
+        store = _store()
+        for r in range(1, self.world):
+            try:
+                count = store.add(f"bnadapt/done/{r}", 0)
+            except RuntimeError:
+                if quiet:
+                    return
+                raise
+            while self._seen[r] < count:
+                key = f"bnadapt/rows/{r}/{self._seen[r]}"
+                item = pickle.loads(store.get(key))
+                store.delete_key(key)
+                self._seen[r] += 1
+                yield item
+
+    def _exchange_rounds(self, cells: Iterator[tuple[str, Any, list[dict]]], total: int) -> Iterator[tuple]:
+        """``shard_cells``: every rank runs its part of each cell; rank 0 sums the parts after every cell."""
+        finished = 0
+        for _ in range(total):
             error: BaseException | None = None
-            item = None
             try:
                 if self._fail is not None and finished == 1:
                     self._fail()
@@ -178,20 +274,15 @@ class Dist:
             try:
                 everyone = self._all_gather(mine) if self.world > 1 else [mine]
             except RuntimeError as e:  # a rank died (connection closed) or hung past the timeout
-                if self.rank == 0 and item is not None and not self.shard_cells:
-                    yield item  # rank 0's own finished cell is kept
                 raise RankFailure(None, f"lost contact with it: {_describe(e)[0]}") from (error or e)
             failed = [(k, m) for k, m in enumerate(everyone) if m[0] == "failed"]
-            if self.rank == 0 and not (failed and self.shard_cells):  # a sharded cell needs every rank's part
+            if self.rank == 0 and not failed:  # a sharded cell needs every rank's part
                 yield from self._combine([m[1] for m in everyone if m[0] == "ok" and m[1] is not None])
             if failed:
                 k, (_, (reason, _), user) = failed[0]
                 raise RankFailure(k, reason, user) from error
 
     def _combine(self, items: list[tuple[str, Any, list[dict]]]) -> Iterator[tuple[str, Any, list[dict]]]:
-        if not self.shard_cells:
-            yield from items
-            return
         if not items:
             return
         # Every rank ran the same cell on its block of images: the counts add up, the time is the slowest part's.
@@ -333,6 +424,11 @@ def init_from_env(device: str, timeout: float = DEFAULT_TIMEOUT, shard_cells: bo
     # and where the finished cells are (a journal append is one write() call, so it is never cut in half).
     signal.signal(signal.SIGTERM, _on_sigterm)
     return Dist(rank, world, shard_cells, backend), device
+
+
+def _store() -> tdist.Store:
+    """The default process group's key-value store (torchrun's, or rank 0's under ``init_method="env://"``)."""
+    return tdist.distributed_c10d._get_default_store()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,18 +229,34 @@ def _rows(name: str, stream: list[Cell], state: list[_State], run: Run) -> list[
     return out
 
 
-def run_streams(name: str, model: nn.Module, plan: list, run: Run, adapted_once: dict) -> Iterator[tuple]:
+def run_streams(
+    name: str, model: nn.Module, plan: list, run: Run, adapted_once: dict, take: Callable[[], int | None] | None = None
+) -> Iterator[tuple]:
     """Yield (stream label, rows) for each planned (stream, variants) of one model, loading every segment's batches
-    once (with a shard: this rank's block of each cell's images)."""
+    once (with a shard: this rank's block of each cell's images).
+
+    ``take`` gives the position in ``plan`` of the next stream to run, or None to stop (default: each in turn); it is
+    asked when the loader is ready to start loading that stream, e.g. from a queue shared by several processes.
+    """
     if not plan:
         return
     ev, config = run.ev, run.config
     segments = [seg for p, (stream, _) in enumerate(plan) for seg in _segments(p, stream, run)]
     shown = [seg.images if run.shard is None else run.shard.evaluated(seg.images) for seg in segments]
+    of_item: dict[int, list[int]] = {}
+    for k, seg in enumerate(segments):
+        of_item.setdefault(seg.plan_item, []).append(k)
+    take = take or iter(range(len(plan))).__next__
+
+    def claimed() -> Iterator[int]:
+        while (p := _next_or_none(take)) is not None:
+            yield from of_item[p]
+
     pin = ev.device.type == "cuda"
     current, offset = -1, 0
     state: list[_State] = []
-    for k, xb, yb in iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device):
+    batches = iter_batches_of(shown, config.batch_size, config.jobs, pin, ev.device, ev.on_device, claimed())
+    for k, xb, yb in batches:
         seg = segments[k]
         if k != current:
             if current >= 0 and segments[current].plan_item != seg.plan_item:
@@ -265,6 +281,13 @@ def run_streams(name: str, model: nn.Module, plan: list, run: Run, adapted_once:
     fallbacks = sum(s.cpu_fallbacks() for s in shown)
     if fallbacks:
         log.warning("%d image file(s) could not be decoded on %s and were decoded on the CPU", fallbacks, ev.device)
+
+
+def _next_or_none(take: Callable[[], int | None]) -> int | None:
+    try:
+        return take()
+    except StopIteration:  # a plain iterator's __next__
+        return None
 
 
 def _count(counts: dict, logits: torch.Tensor, y: torch.Tensor, where: int | torch.Tensor) -> None:

@@ -338,6 +338,14 @@ def add_bench_data_args(p: argparse.ArgumentParser, default_severities: tuple[in
         metavar="K",
         help="evaluate K images per cell, spread evenly over it (a subset, recorded in the results)",
     )
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where generate:'s clean image folder is decoded and resized once for every cell (default: "
+        "$BNADAPT_CACHE, else $XDG_CACHE_HOME/bnadapt, else ~/.cache/bnadapt)",
+    )
+    g.add_argument("--no-cache", action="store_true", help="decode generate:'s clean images again in every cell")
 
 
 def add_seeds_arg(g) -> None:

@@ -170,7 +170,7 @@ def _load_models(args: argparse.Namespace) -> dict:
 def _open_bench_data(args: argparse.Namespace, models: dict):
     """The cells of --data x --corruptions x --severities, as bench and analyze take them; folder:/npz: data (and
     cifar-c's --clean) brought to the models' input size."""
-    from ..data import open_data
+    from ..data import cache_dir, open_data
     from ..models import preprocess_of
 
     names = expand_corruptions(args.corruptions)
@@ -184,6 +184,8 @@ def _open_bench_data(args: argparse.Namespace, models: dict):
         limit=args.limit_per_cell,
         release_jpeg=args.release_jpeg,
         preprocess={name: preprocess_of(m) for name, m in models.items()},
+        cache=None if args.no_cache else args.cache_dir or cache_dir(),
+        jobs=_workers(args),
     )
 
 

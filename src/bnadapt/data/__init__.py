@@ -6,6 +6,7 @@ On disk and between modules images are uint8 NHWC (RGB or grey); models take flo
 from __future__ import annotations
 
 from ._bench import CLEAN, DATA_KINDS, BenchData, Cell, DataSpec, open_data, parse_data_spec
+from ._cache import CachedImages, cache_dir, prepared_images
 from ._images import (
     IMAGE_SUFFIXES,
     INTERPOLATIONS,
@@ -18,7 +19,7 @@ from ._images import (
     resize_crop,
     to_float_nchw,
 )
-from ._loader import iter_batches_of
+from ._loader import Prefetch, iter_batches_of
 from ._sets import (
     LIST_FILE,
     RELEASE_JPEG_QUALITY,
@@ -36,6 +37,9 @@ from ._sets import (
 
 __all__ = [
     "CLEAN",
+    "CachedImages",
+    "cache_dir",
+    "prepared_images",
     "DATA_KINDS",
     "Cell",
     "PREPARE",
@@ -62,6 +66,7 @@ __all__ = [
     "FileImages",
     "ImageSet",
     "iter_batches_of",
+    "Prefetch",
     "open_clean",
     "open_data",
     "parse_data_spec",

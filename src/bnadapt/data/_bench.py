@@ -11,11 +11,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._cache import prepared_images
 from ._images import Preprocess, load_npy
 from ._sets import (
     RELEASE_JPEG_QUALITY,
     ArrayImages,
     CorruptedImages,
+    FileImages,
     ImageSet,
     IndexedImages,
     class_folder,
@@ -131,6 +133,8 @@ def open_data(
     limit: int | None = None,
     release_jpeg: bool = False,
     preprocess: Preprocess | Mapping[str, Preprocess | None] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    jobs: int = 0,
 ) -> BenchData:
     """Open a ``--data`` source for a benchmark over ``corruptions`` (default all 19) x ``severities``.
 
@@ -145,6 +149,9 @@ def open_data(
     resized to 256 and centre-cropped to 224, as ImageNet-C was made; released ``imagenet-c`` files are read as they
     are, centre-cropped to 224 only when larger. ``preprocess``, the models' own (:class:`Preprocess`, or one per
     model name, which must agree), brings ``folder:``/``npz:`` data and ``cifar-c``'s ``--clean`` to their input size.
+
+    ``cache``: a folder where ``generate:``'s clean image folder is prepared once, by ``jobs`` workers, for every
+    cell to read (:func:`prepared_images`); None decodes each image in every cell.
     """
     from ..corruptions import GROUPS
 
@@ -172,14 +179,7 @@ def open_data(
         data.limit = limit
         return data
     if spec.kind == "generate":
-        base = open_clean(spec.path, prepare)
-        cells = [(c, s) for c in names for s in sev]
-        quality = RELEASE_JPEG_QUALITY if release_jpeg else None
-
-        def opener(c: str, s: int) -> ImageSet:
-            return base if c == CLEAN else CorruptedImages(base, c, s, spec.profile or "cifar", seed, quality)
-
-        data = BenchData(spec, [(CLEAN, 0), *cells], [], opener, seed)
+        data = _generated(spec, prepare, [(c, s) for c in names for s in sev], seed, release_jpeg, cache, limit, jobs)
     elif spec.kind == "cifar-c":
         data = _open_cifar_c(spec, names, sev)
     else:
@@ -200,6 +200,20 @@ def open_data(
         raise ValueError(f"expected at least one corruption/severity cell in {spec.path}, found none of those asked")
     data.limit = limit
     return data
+
+
+def _generated(spec: DataSpec, prepare, cells: list, seed: int, release_jpeg: bool, cache, limit, jobs: int):
+    """The clean cell of ``spec``'s images and ``cells`` corrupted on the fly (after each, a JPEG round trip if asked);
+    a clean image folder read from the prepared cache in ``cache`` (built once), with the positions ``limit`` keeps."""
+    base = open_clean(spec.path, prepare)
+    if cache is not None and isinstance(base, FileImages):
+        base = prepared_images(base, cache, None if limit is None else spread_indices(len(base), limit), jobs)
+    quality = RELEASE_JPEG_QUALITY if release_jpeg else None
+
+    def opener(c: str, s: int) -> ImageSet:
+        return base if c == CLEAN else CorruptedImages(base, c, s, spec.profile or "cifar", seed, quality)
+
+    return BenchData(spec, [(CLEAN, 0), *cells], [], opener, seed)
 
 
 def _one_preprocess(preprocess: Preprocess | Mapping[str, Preprocess | None] | None, what: str) -> Preprocess | None:
