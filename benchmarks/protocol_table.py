@@ -22,15 +22,16 @@ ORDERS = ("shuffled", "dirichlet0.1")
 BATCHES = (200, 16, 1)
 
 
-def means(folder: Path) -> dict[str, float]:
-    """Mean accuracy (%) per method over the corrupted rows of one bench folder (empty when it has none yet)."""
+def means(folder: Path, expected: int) -> dict[str, float]:
+    """Mean accuracy (%) per method over the corrupted rows of one bench folder, for the methods that have all
+    ``expected`` rows (a run still going has fewer)."""
     if not (folder / "results.jsonl").exists():
         return {}
     acc = defaultdict(list)
     for r in read_results(folder)[1]:
         if r["corruption"] != "clean":
             acc[r["method"]].append(r["accuracy"])
-    return {m: 100 * sum(v) / len(v) for m, v in acc.items()}
+    return {m: 100 * sum(v) / len(v) for m, v in acc.items() if len(v) == expected}
 
 
 def main() -> None:
@@ -42,7 +43,8 @@ def main() -> None:
         for o in ORDERS:
             for b in BATCHES:
                 tag = f"{s}_{o}_b{b}"
-                row = {**means(out / f"peers_{tag}"), **means(out / f"ours_{tag}")}
+                expected = 15 * (9 if s == "gradual" else 1)  # 15 corruptions; gradual visits 1..5..1
+                row = {**means(out / f"peers_{tag}", expected), **means(out / f"ours_{tag}", expected)}
                 if row:
                     grid[(s, o, b)] = row
     print("| setting | order | b | " + " | ".join(METHODS) + " |")

@@ -11,7 +11,7 @@ from bnadapt import adapt
 from bnadapt.adapt import method_options, sample_indices
 from bnadapt.benchmark import BenchConfig, run_benchmark
 from bnadapt.cli import main
-from bnadapt.data import Cell, open_data, to_float_nchw
+from bnadapt.data import ArrayImages, Cell, open_data, to_float_nchw
 from bnadapt.models import cifar_resnet
 from bnadapt.streams import check_order, draw_seed, plan_streams, stream_order
 from conftest import make_tiny
@@ -60,6 +60,14 @@ def test_stream_orders():
     for bad in ("random", "dirichlet:", "dirichlet:-1", "dirichlet:nan", "dirichlet:x"):
         with pytest.raises(ValueError, match="expected --order"):
             check_order(bad)
+
+
+def test_unsorted_positions_read_the_images_asked_for():
+    """A shuffled batch whose first and last positions span exactly its length is not a run (it once read a slice)."""
+    x = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+    images = ArrayImages(x, np.zeros(20, np.int64))
+    for asked in ([0, 2, 1, 3], [5, 7, 6, 8, 9], [4], [2, 3, 4], [3, 0, 2, 1]):
+        assert images.get(np.array(asked))[:, 0, 0, 0].tolist() == asked
 
 
 def test_plan_streams():

@@ -86,7 +86,9 @@ class ArrayImages(ImageSet):
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, np.int64)
-        if len(indices) and indices[-1] - indices[0] + 1 == len(indices):  # a run: one slice read from the map
+        # A run of consecutive positions is one slice read from the map. Checked step by step: a shuffled stream asks
+        # for positions in any order, and first/last alone can span len(indices) without being that run.
+        if len(indices) and (len(indices) == 1 or bool((np.diff(indices) == 1).all())):
             return np.array(self.x[indices[0] : indices[-1] + 1])
         return np.array(self.x[indices])
 
