@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import zipfile
@@ -13,6 +14,7 @@ import torch
 from ._images import (
     IMAGE_SUFFIXES,
     PREPARE,
+    ImageTooLargeError,
     Preprocess,
     as_uint8_nhwc,
     center_crop,
@@ -20,6 +22,7 @@ from ._images import (
     list_image_files,
     load_npy,
     numpy_reason,
+    open_image,
     outside_links_followed,
 )
 
@@ -109,7 +112,10 @@ class FileImages(ImageSet):
         jpegs = all(self.files[int(i)].suffix.lower() in (".jpg", ".jpeg") for i in indices)
         if not on_device or not jpegs or self.prepare not in (None, "crop224"):
             return super().stage(indices)
-        return _Encoded([torch.from_numpy(np.fromfile(self.files[int(i)], np.uint8)) for i in indices])
+        encoded = [np.fromfile(self.files[int(i)], np.uint8) for i in indices]
+        for data, i in zip(encoded, indices, strict=True):  # the device decoder has no decompression-bomb check
+            _check_header(data, self.files[int(i)])
+        return _Encoded([torch.from_numpy(data) for data in encoded])
 
     def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
         if not isinstance(staged, _Encoded):
@@ -211,6 +217,18 @@ def _decode_jpegs(data, device: torch.device):
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec's) but keeps them
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _check_header(data: np.ndarray, name: Path) -> None:
+    """Refuse an encoded image whose header announces too many pixels (:func:`open_image`); a damaged header is left
+    to the decoder, whose CPU fallback names the file."""
+    try:
+        with open_image(io.BytesIO(data.tobytes()), name):
+            pass
+    except ImageTooLargeError:
+        raise
+    except (OSError, ValueError):
+        pass
 
 
 class _Encoded:
