@@ -33,7 +33,7 @@ from PIL import Image
 
 from bnadapt.cli import main
 from bnadapt.corruptions import GROUPS, corrupt
-from bnadapt.data import Preprocess, open_clean, open_data, read_images
+from bnadapt.data import Preprocess, list_image_files, open_clean, open_data, read_images
 from bnadapt.errors import USER_ERRORS
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
@@ -115,7 +115,7 @@ def _damaged(data: bytes, how: tuple[str, float, int]) -> bytes:
     return data
 
 
-MODES = st.sampled_from(["RGB", "L", "RGBA", "P", "1", "I;16", "LA", "CMYK"])
+MODES = st.sampled_from(["RGB", "L", "RGBA", "P", "1", "I;16", "I", "F", "LA", "CMYK", "YCbCr"])
 SUFFIXES = st.sampled_from([".png", ".jpg", ".JPEG", ".bmp", ".webp", ".tif", ".txt", ".PNG"])
 CONTENTS = st.sampled_from(
     ["image", "image", "image", "image", "image", "damaged", "random", "empty", "bomb", "self-link", "dir"]
@@ -160,12 +160,17 @@ def clean_tree(draw) -> list[tuple[str, str, bytes]]:
     size = draw(st.sampled_from([(32, 32), (40, 36)]))
     entries = []
     for cls in draw(st.lists(NAMES, min_size=1, max_size=3, unique=True)):
-        for k in range(draw(st.integers(1, 2))):
-            suffix = draw(st.sampled_from([".png", ".jpg"]))
+        # Twins share a stem: 0.png beside 0.jpg, or in a sub-folder (sub/0.png).
+        names = [f"{k}{draw(st.sampled_from(['.png', '.jpg']))}" for k in range(draw(st.integers(1, 2)))]
+        twin = draw(st.sampled_from([None, None, "suffix", "folder"]))
+        if twin:
+            stem, suffix = names[0].split(".")
+            names.append(f"{stem}.{'jpg' if suffix == 'png' else 'png'}" if twin == "suffix" else f"sub/{names[0]}")
+        for name in names:
             im = Image.fromarray(np.full((*size[::-1], 3), draw(st.integers(0, 255)), np.uint8))
             f = io.BytesIO()
-            im.save(f, "PNG" if suffix == ".png" else "JPEG")
-            entries.append((f"{cls}/{k}{suffix}", "file", f.getvalue()))
+            im.save(f, "PNG" if name.endswith(".png") else "JPEG")
+            entries.append((f"{cls}/{name}", "file", f.getvalue()))
     return entries
 
 
@@ -223,7 +228,8 @@ LABELS = st.one_of(
 def list_file(draw, files: list[str]) -> bytes:
     """A dataset.txt naming some of ``files``, and paths that do not exist or lead out of the folder."""
     paths = st.one_of(
-        st.sampled_from(files or ["none.png"]), st.sampled_from(["missing.png", "../out.png", "/etc/x.png"])
+        st.sampled_from(files or ["none.png"]),
+        st.sampled_from(["missing.png", "../out.png", "/etc/x.png", "a\x00b.png", ".", "x/../missing.png"]),
     )
     lines = []
     for _ in range(draw(st.integers(0, 6))):
@@ -407,7 +413,21 @@ IMAGES = st.one_of(
     arrays(st.tuples(st.integers(28, 40), st.integers(28, 40), st.sampled_from([1, 3])), st.just("uint8")),  # one image
     arrays(),
 )
-SEVERITIES = st.one_of(st.integers(-1, 7), st.sampled_from([2.0, 2.5, True, None, "3", np.int64(4)]))
+SEVERITIES = st.one_of(
+    st.integers(-1, 7), st.sampled_from([2.0, 2.5, True, None, "3", np.int64(4), np.uint8(3), float("nan"), 10**30])
+)
+
+
+LAYOUTS = st.sampled_from(["contiguous", "contiguous", "flipped", "read-only", "fortran"])
+
+
+def _laid_out(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "flipped" and x.ndim >= 2:
+        return x[:, ::-1]  # negative strides
+    if layout == "read-only":
+        x = x.copy()
+        x.flags.writeable = False
+    return np.asfortranarray(x) if layout == "fortran" else x
 
 
 @st.composite
@@ -424,26 +444,30 @@ def corrupt_cases(draw):
             "seed": draw(st.sampled_from([0, 7, 2**40, "legacy", None])),
             "backend": draw(st.sampled_from(["auto", "numpy", "torch"])),
             "tensor": draw(st.booleans()),
+            "layout": draw(LAYOUTS),
         }
     return {
         "x": draw(IMAGES),
         "name": draw(st.one_of(st.sampled_from(GROUPS["all"]), st.text(max_size=6))),
         "severity": draw(SEVERITIES),
         "profile": draw(st.sampled_from(["cifar", "imagenet", "ImageNet", ""])),
-        "seed": draw(st.sampled_from([0, 7, -1, "legacy", None, 2.5])),
+        "seed": draw(st.sampled_from([0, 7, -1, "legacy", None, 2.5, 2**64, np.int64(5), "7", float("inf")])),
         "backend": draw(st.sampled_from(["auto", "numpy", "torch", "cuda"])),
         "tensor": draw(st.booleans()),
+        "layout": draw(LAYOUTS),
     }
 
 
 def check_corrupt(case) -> None:
-    x = case["x"]
-    given_x = torch.from_numpy(x) if case["tensor"] and x.dtype != bool else x
+    x = _laid_out(case["x"], case["layout"])
+    given_x = torch.from_numpy(np.ascontiguousarray(x)) if case["tensor"] and x.dtype != bool else x
     args = (case["name"], case["severity"], case["profile"], case["seed"])
     got = _outcome("corrupt", lambda: corrupt(given_x, *args, backend=case["backend"]))
     if not isinstance(got, Exception):
         out = got.numpy() if isinstance(got, torch.Tensor) else got
         assert out.dtype == np.uint8 and out.shape == x.shape
+        again = corrupt(np.ascontiguousarray(x), *args, backend=case["backend"])  # any layout: the same bytes
+        assert np.array_equal(again.numpy() if isinstance(again, torch.Tensor) else again, out)
 
 
 @st.composite
@@ -486,6 +510,12 @@ def check_command(case) -> None:
             lines = [line for line in err.getvalue().splitlines() if line.startswith("bnadapt: error:")]
             assert len(lines) == 1, err.getvalue()
             assert not out.exists(), "a failed run left the --out it created"
+        elif "--skip-bad" not in case["flags"]:  # every image was read: every one is written, none overwritten
+            n = len(read_images(src)[0]) if case["source"] == "npz" else len(list_image_files(src))
+            if case["format"] == "imagenet-c":
+                assert len(list(out.rglob("*.JPEG"))) == n
+            else:
+                assert len(np.load(out / f"{case['corruption']}.npy", mmap_mode="r")) == n
 
 
 PROPERTIES = {

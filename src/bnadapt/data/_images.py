@@ -7,8 +7,10 @@ import logging
 import math
 import os
 import re
+import tokenize
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -401,6 +403,23 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
+# What a damaged .npy/.npz makes numpy, zipfile and zlib raise besides OSError/ValueError: a flipped byte in a zip
+# header asks for an unknown compression method, encryption or a newer zip version (NotImplementedError,
+# RuntimeError); in a deflate stream, zlib.error; in a .npy header, tokenize's TokenError; a header that declares an
+# enormous array, MemoryError (found by tests/test_properties.py).
+NUMPY_FILE_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    tokenize.TokenError,
+    MemoryError,
+)
+
+
 def numpy_reason(e: Exception) -> str:
     """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here).
 
@@ -410,6 +429,8 @@ def numpy_reason(e: Exception) -> str:
     """
     if "pickle" in str(e) or "object" in str(e).lower():
         return "it holds Python objects (pickled data), which bnadapt never loads"
+    if isinstance(e, MemoryError):
+        return f"it declares an array larger than memory: {str(e).splitlines()[0] if str(e) else 'MemoryError'}"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -425,7 +446,7 @@ def load_npy(path: Path) -> np.ndarray:
     """
     try:
         x = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except NUMPY_FILE_ERRORS as e:
         raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
     if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever its name
         x.close()

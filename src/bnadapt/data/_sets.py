@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from ._images import (
     IMAGE_SUFFIXES,
+    NUMPY_FILE_ERRORS,
     PREPARE,
     ImageTooLargeError,
     Preprocess,
@@ -442,7 +442,7 @@ def read_images(
                 keys = list(z.keys())
                 x = z["x"] if "x" in keys else (z[keys[0]] if len(keys) == 1 else None)
                 y = z["y"] if "y" in keys else None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except NUMPY_FILE_ERRORS as e:
             raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
         if x is None:
             raise ValueError(f"expected an .npz with an 'x' array (and optional 'y'), got keys {keys} in {path}")
