@@ -427,3 +427,15 @@ def test_damaged_numpy_files_are_named_whatever_breaks(tmp_path, case):
     with pytest.raises(ValueError, match="expected a readable numpy file, got a damaged one") as e:
         read_images(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pixel_limit_holds_on_the_device_decoding_path(tmp_path, monkeypatch):
+    from bnadapt.data import FileImages
+
+    for k in range(2):
+        Image.new("RGB", (32, 32), (k, 0, 0)).save(tmp_path / f"{k}.jpg")
+    images = FileImages([tmp_path / "0.jpg", tmp_path / "1.jpg"], np.zeros(2, np.int64))
+    assert images.load(np.arange(2), on_device=True).shape == (2, 32, 32, 3)  # staged encoded, decoded by torchvision
+    monkeypatch.setenv("BNADAPT_MAX_PIXELS", "1000")  # the device decoder has no limit of its own
+    with pytest.raises(ValueError, match=r"at most 1000 pixels, got .*0.jpg with 32x32"):
+        images.stage(np.arange(2), on_device=True)
