@@ -22,7 +22,8 @@ from conftest import make_tiny
 
 
 def _images(n=8, seed=0, size=8, channels=3):
-    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    # [0.5, 1]: images as models take them, brighter than the source statistics expect.
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 0.5 + 0.5
 
 
 def _one_bn(channels=3):

@@ -12,7 +12,19 @@ from conftest import make_tiny
 
 
 def _stats(model):
-    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bn_layers(model)}
+    return {n.removeprefix("net."): (m.running_mean.clone(), m.running_var.clone()) for n, m in bn_layers(model)}
+
+
+class Shifted(torch.nn.Module):
+    """``net`` behind a fixed ``x * scale + shift``: a target as far from the source statistics as wanted, while the
+    images stay in [0, 1] as adapt() requires."""
+
+    def __init__(self, net: torch.nn.Module, scale: float, shift: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.scale, self.shift = net, scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.scale + self.shift)
 
 
 def _hand_sequential(model, x):
@@ -36,18 +48,18 @@ def _hand_sequential(model, x):
 
 @pytest.mark.parametrize("batch_size", [64, 7])
 def test_sequential_matches_a_by_hand_layer_by_layer_estimate(batch_size):
-    net = make_tiny()
-    x = torch.rand(20, 3, 12, 12) * 2 + 0.5
+    net = Shifted(make_tiny(), 2, 0.5)
+    x = torch.rand(20, 3, 12, 12)
     got = _stats(adapt(net, x, method="sequential", batch_size=batch_size))
-    want = _stats(_hand_sequential(make_tiny(), x))
+    want = _stats(_hand_sequential(Shifted(make_tiny(), 2, 0.5), x))
     for name in want:
         torch.testing.assert_close(got[name][0], want[name][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got[name][1], want[name][1], rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_differs_from_replace_only_where_earlier_layers_matter():
-    net = make_tiny()
-    x = torch.rand(16, 3, 12, 12) * 3
+    net = Shifted(make_tiny(), 3)
+    x = torch.rand(16, 3, 12, 12)
     seq, rep = _stats(adapt(net, x, method="sequential")), _stats(adapt(net, x, method="replace"))
     # The first layer sees no normalised input: identical; deeper ones differ by Bessel's correction at most here.
     torch.testing.assert_close(seq["bn1"][1], rep["bn1"][1])
@@ -70,23 +82,23 @@ def test_auto_tends_to_replace_as_the_shift_grows():
     x = torch.rand(32, 3, 12, 12)
     weights = []
     for shift in (0.0, 0.5, 2.0, 8.0, 32.0):
-        w = auto_weights(net, x * (1 + shift) + shift, options={"select": "none"})
-        weights.append(w["bn1"])
+        w = auto_weights(Shifted(net, 1 + shift, shift), x, options={"select": "none"})
+        weights.append(w["net.bn1"])
     means = [m for m, _ in weights]
     variances = [v for _, v in weights]
     assert means == sorted(means) and variances == sorted(variances)
     assert means[-1] > 0.99 and variances[-1] > 0.99
-    far = x * 33 + 32
-    auto = _stats(adapt(net, far, method="auto", options={"select": "none"}))["bn1"]
-    seq = _stats(adapt(net, far, method="sequential"))["bn1"]
+    far = Shifted(net, 33, 32)
+    auto = _stats(adapt(far, x, method="auto", options={"select": "none"}))["bn1"]
+    seq = _stats(adapt(far, x, method="sequential"))["bn1"]
     torch.testing.assert_close(auto[0], seq[0], rtol=0.01, atol=0.0)
     torch.testing.assert_close(auto[1], seq[1], rtol=0.01, atol=0.0)
 
 
 def test_auto_leaves_the_callers_model_and_is_deterministic():
-    net = make_tiny()
+    net = Shifted(make_tiny(), 2)
     before = _stats(net)
-    x = torch.rand(40, 3, 12, 12) * 2
+    x = torch.rand(40, 3, 12, 12)
     a = adapt(net, x, method="auto", n=16, seed=3)
     b = adapt(net, x, method="auto", n=16, seed=3)
     assert all(torch.equal(before[k][0], _stats(net)[k][0]) for k in before)
@@ -95,8 +107,8 @@ def test_auto_leaves_the_callers_model_and_is_deterministic():
 
 
 def test_auto_part_keeps_the_other_statistic():
-    net = make_tiny()
-    x = torch.rand(16, 3, 12, 12) * 5 + 2
+    net = Shifted(make_tiny(), 5, 2)
+    x = torch.rand(16, 3, 12, 12)
     mean_only = _stats(adapt(net, x, method="auto", part="mean", options={"select": "none"}))
     for name, (_, v) in _stats(net).items():
         assert torch.equal(mean_only[name][1], v)
@@ -106,7 +118,8 @@ def test_auto_part_keeps_the_other_statistic():
 def test_auto_with_one_image_keeps_the_source_and_bad_select_is_refused():
     net = make_tiny()
     # (the BN1d head cannot take one image at all: a single value per channel)
-    one = adapt(net, torch.rand(1, 3, 12, 12) * 9, method="auto", layers="bn[12]", options={"select": "none"})
+    far = Shifted(net, 9)
+    one = adapt(far, torch.rand(1, 3, 12, 12), method="auto", layers="net.bn[12]", options={"select": "none"})
     assert all(torch.equal(_stats(one)[k][0], v[0]) for k, v in _stats(net).items())
     with pytest.raises(ValueError, match="select to be one of im, entropy, none"):
         adapt(net, torch.rand(4, 3, 12, 12), method="auto", options={"select": "best"})

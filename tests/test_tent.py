@@ -22,7 +22,7 @@ from conftest import make_tiny
 def _images(n: int = 16, seed: int = 0) -> torch.Tensor:
     # A shifted input distribution, so the source model is unsure and entropy has room to fall.
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g) * 2 + 0.5
+    return torch.rand(n, 3, 8, 8, generator=g) * 0.5 + 0.5  # [0.5, 1]: in range, brighter than the source expects
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .bn import BatchReducer, bn_layers, check_batch_for_layers, select_layers
-from .data import to_float_nchw
+from .data import to_float_inputs
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def _target(images, cfg: AdaptConfig, dtype: torch.dtype):
     """The n adaptation images in the model's floating dtype: a seeded random subset of a tensor/array, or the first
     n of an iterable of batches."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        x = to_float_nchw(images).to(dtype)
+        x = to_float_inputs(images).to(dtype)
         n = x.shape[0] if cfg.n is None else cfg.n
         if n < 1:
             raise ValueError(f"expected n >= 1 adaptation images, got n={n}")
@@ -345,7 +345,7 @@ def _take(batches: Iterable, n: int | None, dtype: torch.dtype):
     seen = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = to_float_nchw(x).to(dtype)
+        x = to_float_inputs(x).to(dtype)
         if n is not None and seen + x.shape[0] > n:
             x = x[: n - seen]
         if x.shape[0]:
@@ -403,8 +403,9 @@ def adapt(
     Args:
         model: any module with BatchNorm layers (``source`` and ``tent`` also without: a LayerNorm ViT), taking the
             images as given.
-        images: target images: uint8 (N, H, W, C) array/tensor, float (N, C, H, W) tensor, or an iterable of batches
-            (or (x, y) pairs). Not needed by ``source``, ``test-batch`` and the online methods (``n=0`` or no
+        images: target images: uint8 (N, H, W, C) array/tensor, float (N, C, H, W) tensor in [0, 1], or an iterable
+            of batches (or (x, y) pairs). For BatchNorm1d/3d models: float (N, C), (N, C, L) or (N, C, D, H, W)
+            inputs, taken as given. Not needed by ``source``, ``test-batch`` and the online methods (``n=0`` or no
             images: no warm-up).
         method: one of :func:`method_names`.
         n: number of adaptation images, drawn at random (seeded) from an array; the first n of an iterable; all if

@@ -206,8 +206,11 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
         bar.close()
     kind = "files" if args.format == "cifar-c" else "cells"
     n_images = (bar.total or 0) // max(1, len(names) * len(args.severities))
+    # What is on disk, not what was read: skipped images are not in the cells.
+    written = n_images if args.format == "cifar-c" or not done else sum(1 for _ in done[0].rglob("*.JPEG"))
+    skipped = f"; {n_images - written} unreadable skipped" if written != n_images else ""
     print(
-        f"wrote {len(done)} {kind} ({len(names)} corruptions x {len(args.severities)} severities of {n_images} "
-        f"images) to {args.out} in {time.perf_counter() - t0:.1f}s"
+        f"wrote {len(done)} {kind} ({len(names)} corruptions x {len(args.severities)} severities of {written} "
+        f"images{skipped}) to {args.out} in {time.perf_counter() - t0:.1f}s"
     )
     return 0

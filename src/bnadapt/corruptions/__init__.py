@@ -183,6 +183,18 @@ def image_rngs(seed: int | str | np.random.Generator | None, name: str, severity
     return ImageRngs(base, zlib.crc32(name.encode()), severity, indices)
 
 
+def _luma(y: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> uint8 grey (..., 1): ITU-R 601 luma, as PIL's convert("L"), truncated.
+
+    Elementwise in float32, each product and sum rounded on its own, as the torch path does: a matrix product would go
+    to BLAS, whose kernel (fused multiply-adds, another order; picked for the CPU) can move a grey pixel's luma, which
+    sits exactly on a level, by one unit in the last place, and the truncation then by one level.
+    """
+    y = y.astype(np.float32)
+    luma = y[..., :1] * np.float32(0.299) + y[..., 1:2] * np.float32(0.587) + y[..., 2:] * np.float32(0.114)
+    return to_uint8(luma / np.float32(255.0))
+
+
 def corrupt(
     images,
     name: str,
@@ -256,8 +268,7 @@ def corrupt(
     y = entry.numpy(x, severity_param(profile, name, severity), rngs, profile)
     y = to_uint8(y)
     if grey and entry.rgb_only:
-        # ITU-R 601 luma, as PIL's convert("L"), to return to one channel.
-        y = to_uint8((y.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None] / 255.0)
+        y = _luma(y)
     if single:
         y = y[0]
     return back(np.ascontiguousarray(y))

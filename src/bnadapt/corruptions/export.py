@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path
-from ..data import list_image_files, read_images, resize_crop
+from .._io import atomic_path, remove_stale_temporaries, temporary_sibling
+from ..data import ImageTooLargeError, list_image_files, open_image, read_images, resize_crop
 from . import GROUPS, corrupt
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ class ExportPlan:
             raise ValueError(f"expected severities in 1..5, got {list(self.severities)}")
         if self.seed < 0:
             raise ValueError(f"expected a non-negative seed, got {self.seed}")
+        if self.skip_bad and self.format == "cifar-c":
+            raise ValueError(
+                "expected --skip-bad with --format imagenet-c, got it with cifar-c, whose arrays hold every image of "
+                "the input in order; fix or remove the unreadable files instead"
+            )
 
 
 def _write_manifest(out: Path, plan: ExportPlan, force: bool) -> None:
@@ -149,7 +155,7 @@ def _imagenet_cell(args: tuple) -> int:
     items, name, severity, plan, cell = args
     from PIL import Image
 
-    tmp = cell.parent / f".{cell.name}.tmp"
+    tmp = temporary_sibling(cell, "cell")
     shutil.rmtree(tmp, ignore_errors=True)
     written = 0
     try:
@@ -172,18 +178,20 @@ def _imagenet_cell(args: tuple) -> int:
 
 
 def _load_for_imagenet(src: Path | np.ndarray, plan: ExportPlan) -> np.ndarray | None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(src, np.ndarray):
         return np.asarray(resize_crop(Image.fromarray(src))) if plan.resize else src
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:  # a decompression bomb is refused from its header, before decoding
             im = im.convert("RGB")
             return np.asarray(resize_crop(im) if plan.resize else im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError, ImageTooLargeError a ValueError
         if plan.skip_bad:
             log.warning("skipping unreadable image %s (%s)", src, e)
             return None
+        if isinstance(e, ImageTooLargeError):
+            raise ImageTooLargeError(f"{e}, or pass --skip-bad to skip such files") from None
         raise ValueError(f"expected a readable image, got {src} ({e}); pass --skip-bad to skip such files") from e
 
 
@@ -195,19 +203,44 @@ def _imagenet_items(plan: ExportPlan) -> list[tuple[int, str, str, Path | np.nda
         files = list_image_files(root)
         if not files:
             raise ValueError(f"expected image files in class sub-folders of {src}, found none")
-        items: list[tuple[int, str, str, Path | np.ndarray]] = []
-        for i, f in enumerate(files):
-            rel = f.relative_to(root)
-            # Class and file names come from the input's own folder names, never from file contents, and the
-            # walk stays inside the input root, so an output path cannot leave --out.
-            cls = rel.parts[0] if len(rel.parts) > 1 else "unlabeled"
-            items.append((i, cls, f.stem, f))
-        return items
+        # Class and file names come from the input's own folder and file names, never from file contents, and the
+        # walk stays inside the input root, so an output path cannot leave --out.
+        rels = [f.relative_to(root) for f in files]
+        # (class, path inside the class folder); files directly in the root have no class.
+        entries = [(r.parts[0], Path(*r.parts[1:])) if len(r.parts) > 1 else ("unlabeled", r) for r in rels]
+        stems = _output_stems(entries)
+        return [(i, cls, stem, f) for i, ((cls, _), stem, f) in enumerate(zip(entries, stems, files, strict=True))]
     x, y = read_images(src)
     if x.shape[-1] != 3:
         raise ValueError(f"expected RGB images for the imagenet-c layout, got {x.shape[-1]} channel(s)")
     width = len(str(len(x) - 1))
     return [(i, "unlabeled" if y is None else str(int(y[i])), f"{i:0{width}d}", x[i]) for i in range(len(x))]
+
+
+def _output_stems(entries: list[tuple[str, Path]]) -> list[str]:
+    """The output file stem of each (class, path inside the class folder): the file's own stem, unless another file
+    of the class has it too (``a/001.png`` and ``b/001.png``, ``001.png`` and ``001.jpg``); then every one of those
+    is named by its whole path inside the class, ``/`` written ``__`` (``a__001.png``), so no image overwrites
+    another and the names do not depend on the order of the walk. The layout stays ``<class>/<file>.JPEG``.
+
+    Example:
+        >>> _output_stems([("cat", Path("a/001.png")), ("cat", Path("b/001.png")), ("cat", Path("002.png"))])
+        ['a__001.png', 'b__001.png', '002']
+    """
+    stems = [(cls, rel.stem) for cls, rel in entries]
+    taken = Counter(stems)
+    out = [
+        s if taken[(cls, s)] == 1 else "__".join(rel.parts) for (cls, s), (_, rel) in zip(stems, entries, strict=True)
+    ]
+    seen: dict[tuple[str, str], Path] = {}
+    for (cls, rel), stem in zip(entries, out, strict=True):
+        other = seen.setdefault((cls, stem), rel)
+        if other != rel:  # only contrived names are left (a file literally named a__001.png.png beside a/001.png)
+            raise ValueError(
+                f"expected input files with distinct output names, got {cls}/{other} and {cls}/{rel}, which would "
+                f"both be written as {cls}/{stem}.JPEG; rename one of them"
+            )
+    return out
 
 
 def _export_imagenet(plan: ExportPlan, out: Path, jobs: int, progress: Callable[[int, int], None] | None) -> list[Path]:
@@ -299,13 +332,23 @@ def export_corrupted(
         raise FileNotFoundError(f"expected an existing parent directory for --out {out}; create {out.parent} first")
     created = not out.exists()
     out.mkdir(exist_ok=True)
-    _write_manifest(out, plan, force)
-    export = _export_cifar if format == "cifar-c" else _export_imagenet
+    # What a killed run was writing (its process gone) would otherwise stay for good beside the finished outputs.
+    for folder in (out, *(out / c for c in names)):
+        for stale in remove_stale_temporaries(folder):
+            log.info("removed %s, left by an interrupted run", stale)
     try:
+        _write_manifest(out, plan, force)
+        export = _export_cifar if format == "cifar-c" else _export_imagenet
         return export(plan, out, max(1, int(jobs)), progress)
     except BaseException:
-        # A run that failed before writing anything (e.g. unreadable input) must not leave a manifest behind that
-        # would refuse the corrected rerun as "made with other options".
-        if created and {p.name for p in out.iterdir()} <= {MANIFEST}:
+        # A run that failed before finishing any output (an unreadable input, a full disk) must not leave a folder
+        # behind, nor a manifest that would refuse the corrected rerun as "made with other options".
+        if created and not _finished_any(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _finished_any(out: Path) -> bool:
+    """Whether ``out`` holds a finished output: a file other than the manifest and the labels (temporaries are gone
+    by now)."""
+    return any(p.name not in (MANIFEST, "labels.npy") and not p.is_dir() for p in out.rglob("*"))

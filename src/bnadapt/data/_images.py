@@ -6,7 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import tokenize
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -58,13 +62,47 @@ def to_float_nchw(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.ndim != 4:
             raise ValueError(f"expected float images as (N, C, H, W), got shape {tuple(images.shape)}")
-        if not torch.isfinite(images).all():
-            raise ValueError("expected finite float images, got NaN or inf values; clean the input first")
+        _finite_range(images)
         return images.float()
     x = as_uint8_nhwc(images)
     # Memory-mapped or read-only arrays are copied once here rather than shared with a tensor.
     x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)
     return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_float_inputs(inputs) -> torch.Tensor:
+    """What :func:`bnadapt.adapt` feeds a model: images as :func:`to_float_nchw` makes them, float ones only in
+    [0, 1]; or, for BatchNorm1d/3d models, float features (N, C), sequences (N, C, L) or volumes (N, C, D, H, W),
+    checked finite and passed as given (their range is the model's business).
+
+    Example:
+        >>> to_float_inputs(torch.full((2, 4, 10), -3.0)).shape
+        torch.Size([2, 4, 10])
+    """
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f":
+        inputs = torch.from_numpy(inputs)
+    if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and inputs.ndim in (2, 3, 4, 5)):
+        return to_float_nchw(inputs)
+    lo, hi = _finite_range(inputs)
+    if inputs.ndim != 4:
+        return inputs
+    # 0..255 floats would be normalised as if 255 times brighter than the source: every statistic wrong, silently.
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"expected float images in [0, 1], got values from {lo:g} to {hi:g}; pass uint8 images (0..255), divide "
+            "by 255, or move the model's normalisation into the model"
+        )
+    return inputs.float()
+
+
+def _finite_range(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a float tensor in one pass; NaN or inf anywhere is a ValueError."""
+    if x.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax carries a NaN through to both ends
+        raise ValueError("expected finite float images, got NaN or inf values; clean the input first")
+    return lo, hi
 
 
 _OUTSIDE_LINKS: ContextVar[bool] = ContextVar("bnadapt_outside_links", default=False)
@@ -238,6 +276,72 @@ class Preprocess:
         return f"resize {self.resize} ({self.interpolation}), centre crop {self.size}"
 
 
+MAX_PIXELS_ENV = "BNADAPT_MAX_PIXELS"
+
+
+class ImageTooLargeError(ValueError):
+    """An image file whose header announces more pixels than :func:`max_pixels` allows (a decompression bomb)."""
+
+
+def max_pixels() -> int | None:
+    """The most pixels an image file may have to be decoded: ``$BNADAPT_MAX_PIXELS`` (0: no limit), else Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (89,478,485 unless changed); None when there is no limit.
+
+    Example:
+        >>> max_pixels() is None or max_pixels() > 1000
+        True
+    """
+    from PIL import Image
+
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return Image.MAX_IMAGE_PIXELS
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected {MAX_PIXELS_ENV} to be a number of pixels (0: no limit), got {text!r}")
+    return int(text) or None
+
+
+def _too_large(path, limit: int | None, size: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"expected images of at most {limit} pixels, got {path} with {size}; set {MAX_PIXELS_ENV}=<pixels> "
+        "(0: no limit) to read larger images"
+    )
+
+
+@contextmanager
+def open_image(path, name: object = None):
+    """A PIL image opened lazily, after its header's size is checked against :func:`max_pixels`: a decompression
+    bomb (a few KB that decode to gigabytes) is an :class:`ImageTooLargeError` before anything is decoded.
+    ``path`` may be an open binary file; ``name`` is what errors call it (default: ``path``).
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> f = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (30, 20)).save(f)
+        >>> with open_image(f) as im:
+        ...     im.size
+        (30, 20)
+    """
+    from PIL import Image
+
+    limit, name = max_pixels(), path if name is None else name
+    # Pillow refuses at twice its own limit before we see the size: a user who allows more must get more.
+    if Image.MAX_IMAGE_PIXELS is not None and (limit is None or limit > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the file's name
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise _too_large(name, limit, f"{found[1] if found else 'more'} pixels") from None
+    with im:
+        if limit is not None and im.width * im.height > limit:
+            raise _too_large(name, limit, f"{im.width}x{im.height} = {im.width * im.height} pixels")
+        yield im
+
+
 def decode_image(path: Path, channels: int = 3, prepare: str | Preprocess | None = None) -> np.ndarray:
     """An image file as a uint8 (H, W, channels) array, prepared as ``prepare`` says (one of :data:`PREPARE`, or a
     :class:`Preprocess`); an unreadable file is a ValueError naming it.
@@ -250,16 +354,18 @@ def decode_image(path: Path, channels: int = 3, prepare: str | Preprocess | None
         >>> decode_image(f, prepare="resize256-crop224").shape
         (224, 224, 3)
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if prepare == "resize256-crop224":
                 im = resize_crop(im)
             elif isinstance(prepare, Preprocess):
                 im = prepare.image(im)
             out = np.asarray(im).reshape(im.height, im.width, channels)
+    except ImageTooLargeError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"expected a readable image file, got an unreadable one: {path} ({e})") from e
     return center_crop(out, 224) if prepare == "crop224" else out
@@ -297,6 +403,23 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
+# What a damaged .npy/.npz makes numpy, zipfile and zlib raise besides OSError/ValueError: a flipped byte in a zip
+# header asks for an unknown compression method, encryption or a newer zip version (NotImplementedError,
+# RuntimeError); in a deflate stream, zlib.error; in a .npy header, tokenize's TokenError; a header that declares an
+# enormous array, MemoryError (found by tests/test_properties.py).
+NUMPY_FILE_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    tokenize.TokenError,
+    MemoryError,
+)
+
+
 def numpy_reason(e: Exception) -> str:
     """Why numpy could not load a file, without its advice to unpickle (object arrays are never loaded here).
 
@@ -306,6 +429,8 @@ def numpy_reason(e: Exception) -> str:
     """
     if "pickle" in str(e) or "object" in str(e).lower():
         return "it holds Python objects (pickled data), which bnadapt never loads"
+    if isinstance(e, MemoryError):
+        return f"it declares an array larger than memory: {str(e).splitlines()[0] if str(e) else 'MemoryError'}"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -321,7 +446,7 @@ def load_npy(path: Path) -> np.ndarray:
     """
     try:
         x = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except NUMPY_FILE_ERRORS as e:
         raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
     if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever its name
         x.close()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ import torch
 
 from ._images import (
     IMAGE_SUFFIXES,
+    NUMPY_FILE_ERRORS,
     PREPARE,
+    ImageTooLargeError,
     Preprocess,
     as_uint8_nhwc,
     center_crop,
@@ -20,6 +22,7 @@ from ._images import (
     list_image_files,
     load_npy,
     numpy_reason,
+    open_image,
     outside_links_followed,
 )
 
@@ -111,7 +114,10 @@ class FileImages(ImageSet):
         jpegs = all(self.files[int(i)].suffix.lower() in (".jpg", ".jpeg") for i in indices)
         if not on_device or not jpegs or self.prepare not in (None, "crop224"):
             return super().stage(indices)
-        return _Encoded([torch.from_numpy(np.fromfile(self.files[int(i)], np.uint8)) for i in indices])
+        encoded = [np.fromfile(self.files[int(i)], np.uint8) for i in indices]
+        for data, i in zip(encoded, indices, strict=True):  # the device decoder has no decompression-bomb check
+            _check_header(data, self.files[int(i)])
+        return _Encoded([torch.from_numpy(data) for data in encoded])
 
     def finish(self, staged: object, indices: np.ndarray, device: torch.device) -> torch.Tensor:
         if not isinstance(staged, _Encoded):
@@ -213,6 +219,18 @@ def _decode_jpegs(data, device: torch.device):
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec's) but keeps them
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _check_header(data: np.ndarray, name: Path) -> None:
+    """Refuse an encoded image whose header announces too many pixels (:func:`open_image`); a damaged header is left
+    to the decoder, whose CPU fallback names the file."""
+    try:
+        with open_image(io.BytesIO(data.tobytes()), name):
+            pass
+    except ImageTooLargeError:
+        raise
+    except (OSError, ValueError):
+        pass
 
 
 class _Encoded:
@@ -426,7 +444,7 @@ def read_images(
                 keys = list(z.keys())
                 x = z["x"] if "x" in keys else (z[keys[0]] if len(keys) == 1 else None)
                 y = z["y"] if "y" in keys else None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except NUMPY_FILE_ERRORS as e:
             raise ValueError(f"expected a readable numpy file, got a damaged one: {path} ({numpy_reason(e)})") from e
         if x is None:
             raise ValueError(f"expected an .npz with an 'x' array (and optional 'y'), got keys {keys} in {path}")

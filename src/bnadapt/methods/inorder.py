@@ -153,7 +153,7 @@ def auto_weights(model: nn.Module, images: torch.Tensor | Iterable, **kwargs) ->
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-        >>> w = auto_weights(net, torch.rand(16, 3, 8, 8) * 5)
+        >>> w = auto_weights(net, torch.rand(16, 3, 8, 8))
         >>> list(w), all(0 <= v <= 1 for v in w["1"])
         (['1'], True)
     """
