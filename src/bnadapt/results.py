@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import socket
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -231,26 +233,51 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_owner(path: Path) -> dict:
+    """The lock file's ``{pid, host, started}``; a file of an older version holds only a pid (this host's), and an
+    unreadable or empty one (a writer killed between creating and filling it) reads as pid 0, no owner."""
+    try:
+        info = json.loads(path.read_text() or "0")
+    except (OSError, ValueError):
+        return {"pid": 0}
+    if isinstance(info, int):
+        return {"pid": info}
+    if not isinstance(info, dict):
+        return {"pid": 0}
+    try:
+        return {**info, "pid": int(info.get("pid") or 0)}
+    except (TypeError, ValueError):
+        return {**info, "pid": 0}
+
+
 def _acquire_lock(path: Path) -> Path:
-    """Create ``path`` holding our pid, or refuse while a live process holds it; a dead owner's lock is taken over."""
+    """Create ``path`` holding our pid, host and start time, or refuse while another run holds it. A dead owner's
+    lock on this host is taken over; a lock of another host (a shared folder) never is: only a person can tell
+    whether that run is gone."""
+    host = socket.gethostname()
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                owner = int(path.read_text().strip() or "0")
-            except (OSError, ValueError):
-                owner = 0
-            if owner > 0 and owner != os.getpid() and _pid_alive(owner):
+            owner = _lock_owner(path)
+            pid, their_host = owner["pid"], owner.get("host") or host
+            since = f", started {owner['started']}" if owner.get("started") else ""
+            if their_host != host:
                 raise ValueError(
-                    f"expected no other run writing to {path.parent}, got one: process {owner} holds {path.name}; "
-                    "wait for it to finish or choose another --out"
+                    f"expected no other run writing to {path.parent}, got one on host {their_host}: process {pid}"
+                    f"{since} holds {path.name}; if that run is gone, delete {path} and rerun"
                 ) from None
-            log.warning("removing a stale lock %s left by process %s, which is no longer running", path, owner or "?")
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise ValueError(
+                    f"expected no other run writing to {path.parent}, got one: process {pid}{since} holds "
+                    f"{path.name}; wait for it to finish or choose another --out"
+                ) from None
+            log.warning("removing a stale lock %s left by process %s, which is no longer running", path, pid or "?")
             path.unlink(missing_ok=True)
             continue
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(json.dumps({"pid": os.getpid(), "host": host, "started": started}) + "\n")
         return path
     raise ValueError(f"expected to lock {path.parent}, but another process keeps taking {path.name}; retry")
 
