@@ -135,12 +135,20 @@ def follow_outside_links(allow: bool = True) -> Iterator[None]:
 
 
 def list_image_files(root: Path, allow_outside_links: bool | None = None) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted); symlinks pointing outside ``root`` are skipped with a warning
-    unless ``allow_outside_links`` (default: as set by :func:`follow_outside_links`, else no)."""
+    """Image files under ``root`` (recursive, sorted). Symlinks pointing outside ``root`` are skipped unless
+    ``allow_outside_links`` (default: as set by :func:`follow_outside_links`, else no), with one warning line that
+    counts them; when they were all there is, a ValueError that names ``--follow-links``.
+
+    Example:
+        >>> list_image_files(Path("."))  # doctest: +SKIP
+        [PosixPath('/data/cat/1.png'), PosixPath('/data/dog/2.png')]
+    """
     if allow_outside_links is None:
         allow_outside_links = _OUTSIDE_LINKS.get()
     root = root.resolve()
-    files = []
+    files: list[Path] = []
+    outside: list[Path] = []  # skipped links (files or folders) leading out of root
+    broken: list[Path] = []
     seen: set[str] = set()  # real folders already listed: a link back up (cat/loop -> ..) must not repeat them
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
@@ -152,7 +160,7 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
             continue
         seen.add(real)
         if not allow_outside_links and not Path(real).is_relative_to(root):
-            log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", here, root)
+            outside.append(here)
             dirnames.clear()
             continue
         for name in sorted(filenames):
@@ -160,13 +168,26 @@ def list_image_files(root: Path, allow_outside_links: bool | None = None) -> lis
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if not p.is_file():  # a broken link, or one that points to itself
-                log.warning("skipping %s: a link to no readable file", p)
-                continue
-            if not allow_outside_links and not Path(os.path.realpath(p)).is_relative_to(root):
-                log.warning("skipping %s: it links outside the input folder %s (--follow-links to read it)", p, root)
-                continue
-            files.append(p)
+                broken.append(p)
+            elif not allow_outside_links and not Path(os.path.realpath(p)).is_relative_to(root):
+                outside.append(p)
+            else:
+                files.append(p)
+    _report_skipped(root, files, outside, broken)
     return files
+
+
+def _report_skipped(root: Path, files: list[Path], outside: list[Path], broken: list[Path]) -> None:
+    """One warning line per kind of skipped link (a folder of 50 links is one line, not 50), or the error when
+    skipped links are all the folder has."""
+    if broken:
+        log.warning("skipping %d link(s) to no readable file in %s (first: %s)", len(broken), root, broken[0])
+    if not outside:
+        return
+    what = f"{len(outside)} symlink(s) in {root} that lead outside it (first: {outside[0]})"
+    if not files:
+        raise ValueError(f"expected image files in {root}, got only {what}; pass --follow-links to read them")
+    log.warning("skipping %s; pass --follow-links to read them", what)
 
 
 # How images read from files are prepared (FileImages.prepare): as they are; ImageNet-C's "resize 256, centre crop

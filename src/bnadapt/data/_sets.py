@@ -332,7 +332,10 @@ def _list_file(path: Path, prepare: str | Preprocess | None) -> FileImages:
             raise ValueError(f"expected a class label 0..{MAX_LABEL} on line {k} of {path}, got {label}")
         f = (root / rel.strip()).resolve()
         if not outside_links_followed() and not f.is_relative_to(root):
-            raise ValueError(f"expected image paths inside {root} in {path}, got {rel.strip()!r} on line {k}")
+            raise ValueError(
+                f"expected image paths inside {root} in {path}, got {rel.strip()!r} on line {k}; pass "
+                "--follow-links to read files outside it"
+            )
         files.append(f)
         labels.append(int(label))
     if not files:
