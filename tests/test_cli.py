@@ -52,7 +52,7 @@ def test_adapt_safetensors_applies_to_model(setup):
     ("extra", "match"),
     [
         (("--n", "41", "--out", "{p}/o.pt"), "n <= the number of images"),
-        (("--out", "{p}/nodir/o.pt"), "existing directory"),
+        (("--out", "{p}/imgs.npz/o.pt"), "got a file"),
         (("--out", "{p}/o.txt"), ".safetensors"),
         (("--method", "test-batch", "--out", "{p}/o.pt"), "adapts while it runs"),
         (("--method", "nope", "--out", "{p}/o.pt"), "invalid choice"),

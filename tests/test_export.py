@@ -109,7 +109,7 @@ def test_cli_reads_with_plain_numpy(tmp_path, npz, capsys):
         (["--severities", "0-3"], "within 1..5"),
         (["--profile", "mnist"], "invalid choice"),
         (["--input", "{t}/none.npz"], "found nothing"),
-        (["--out", "{t}/a/b/c"], "existing parent"),
+        (["--out", "{t}/in.npz/b/c"], "got a file"),
     ],
 )
 def test_cli_bad_input(tmp_path, npz, capsys, args, match):

@@ -8,16 +8,19 @@ from pathlib import Path
 
 from ..names import BUILTIN_METHODS
 from .args import (
+    Progress,
+    add_device_arg,
     add_follow_links_arg,
     add_model_args,
+    add_no_progress_arg,
     add_option_arg,
     add_preprocessing_args,
-    advance,
+    device_of,
     expand_corruptions,
+    list_flag,
     model_loading,
     positive_int,
     preprocessing_overrides,
-    progress_bar,
     severities,
 )
 
@@ -55,16 +58,23 @@ def _add_adaptation_args(p: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(BUILTIN_METHODS)} (default: replace)",
     )
     g.add_argument("--n", type=positive_int, default=32, help="adaptation images drawn from the input (default: 32)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the draw of the n adaptation images from --images (default: 0)"
+    )
     g.add_argument("--prior", type=float, help="prior strength N for --method prior (default: 16)")
     g.add_argument("--part", choices=("both", "mean", "var"), default="both", help="statistics to adapt")
-    g.add_argument("--layers", nargs="+", metavar="PATTERN", help="adapt only BN layers matching these globs")
+    g.add_argument(
+        "--layers",
+        **list_flag(),
+        metavar="PATTERN",
+        help="adapt only BN layers matching these globs (spaces or commas)",
+    )
     depth = g.add_mutually_exclusive_group()
     depth.add_argument("--first", type=positive_int, metavar="K", help="adapt only the first K BN layers")
     depth.add_argument("--last", type=positive_int, metavar="K", help="adapt only the last K BN layers")
     add_option_arg(g)
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="micro-batch size (default: 256)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_device_arg(g)
 
 
 def add_corrupt_parser(sub) -> None:
@@ -73,20 +83,27 @@ def add_corrupt_parser(sub) -> None:
     p.add_argument("--input", required=True, type=Path, help=".npz with x (N,H,W,3) uint8 and y, or a class folder")
     p.add_argument("--profile", required=True, choices=("cifar", "imagenet"), help="severity constants to use")
     p.add_argument("--format", required=True, choices=("cifar-c", "imagenet-c"), help="output layout")
-    p.add_argument("--out", required=True, type=Path, help="output directory (created if its parent exists)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created, with missing parents)")
     p.add_argument(
         "--corruptions",
-        nargs="+",
+        **list_flag(),
         metavar="NAME",
-        help="names, or a subset: common, extra, all, noise, blur, weather, digital (default: all 19)",
+        help="names, or common, extra, all, noise, blur, weather, digital, by spaces or commas (default: all 19)",
     )
-    p.add_argument("--severities", type=severities, default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)")
-    p.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    p.add_argument(
+        "--severities", **list_flag(severities), default=(1, 2, 3, 4, 5), help="e.g. 1-5 or 1,3,5 (default 1-5)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the corruption noise (same seed, same bytes, whatever -j; default: 0)",
+    )
     p.add_argument("-j", "--jobs", type=positive_int, default=1, help="worker processes (default: 1)")
     p.add_argument("--no-resize", action="store_true", help="imagenet-c: skip the resize 256 + centre crop 224")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
     p.add_argument("--force", action="store_true", help="write into a folder made with other options")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress_arg(p)
     add_follow_links_arg(p)
 
 
@@ -106,8 +123,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise ValueError(f"expected --out to end in .pt, .pth or .safetensors, got {out.name!r}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"expected an existing directory for --out, got none at {out.parent}; create it first")
     if is_online(args.method):
         raise ValueError(
             f"expected a method that produces fixed statistics to save, got {args.method!r}, which adapts while it "
@@ -120,7 +135,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         adapted = adapt(
-            model.to(args.device),
+            model.to(device_of(args)),
             x,
             method=args.method,
             n=args.n,
@@ -138,6 +153,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             f"expected images the model can take, got {tuple(x.shape[1:])} (H, W, C) that it could not run on: "
             f"{str(e).splitlines()[0]}"
         ) from None
+    adapted = adapted.cpu()  # the saved tensors then load on any machine, GPU or not
     layers = [n for n, _ in bn_layers(adapted)]
     meta = {
         "method": args.method,
@@ -182,10 +198,17 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
     names = expand_corruptions(args.corruptions)
     t0 = time.perf_counter()
-    bar = progress_bar(0, not args.no_progress, "img")
+    # A line per tenth of the images when not on a terminal; the first call counts what a resumed run had done.
+    bar = Progress(not args.no_progress, "img", every=0.1)
+    started = False
 
     def progress(step: int, total: int) -> None:
-        advance(bar, step, total)
+        nonlocal started
+        if started:
+            bar.advance(step, total, "images")
+        else:
+            bar.skip(step, total)
+            started = True
 
     try:
         done = export_corrupted(
@@ -205,7 +228,7 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     kind = "files" if args.format == "cifar-c" else "cells"
-    n_images = (bar.total or 0) // max(1, len(names) * len(args.severities))
+    n_images = bar.total // max(1, len(names) * len(args.severities))
     # What is on disk, not what was read: skipped images are not in the cells.
     written = n_images if args.format == "cifar-c" or not done else sum(1 for _ in done[0].rglob("*.JPEG"))
     skipped = f"; {n_images - written} unreadable skipped" if written != n_images else ""

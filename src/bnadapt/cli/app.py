@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import EXIT_USAGE, USER_ERRORS
 from .adapt import add_adapt_parser, add_corrupt_parser, cmd_adapt, cmd_corrupt
-from .args import Parser
+from .args import Parser, made_parents
 from .bank import add_bank_parser, cmd_bank
 from .bench import add_analyze_parser, add_bench_parsers, cmd_analyze, cmd_bench
 from .demo import add_demo_parser, cmd_demo
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from ..data import follow_outside_links
 
-        with follow_outside_links(getattr(args, "follow_links", False)):
+        with follow_outside_links(getattr(args, "follow_links", False)), made_parents(getattr(args, "out", None)):
             return COMMANDS[args.command](args)
     except USER_ERRORS as e:
         if args.verbose:

@@ -8,12 +8,16 @@ from pathlib import Path
 
 from .args import (
     Parser,
+    Progress,
+    add_corrupt_seed_arg,
+    add_device_arg,
     add_model_args,
-    advance,
+    add_no_progress_arg,
+    device_of,
     expand_corruptions,
+    list_flag,
     model_loading,
     positive_int,
-    progress_bar,
     severities,
 )
 
@@ -31,21 +35,23 @@ def add_bank_parser(sub) -> None:
     p.add_argument("--clean", type=Path, help="clean .npz or class folder (cifar-c/imagenet-c data)")
     p.add_argument(
         "--corruptions",
-        nargs="+",
+        **list_flag(),
         metavar="NAME",
-        default=["common"],
-        help="names, or common, extra, all, noise, blur, weather, digital (default: common)",
+        default=("common",),
+        help="names, or common, extra, all, noise, blur, weather, digital, by spaces or commas (default: common)",
     )
-    p.add_argument("--severities", type=severities, default=(1, 3, 5), help="e.g. 1,3,5 (default) or 1-5")
-    p.add_argument("--corrupt-seed", type=int, default=0, help="seed of generate:'s corruptions (default: 0)")
+    p.add_argument("--severities", **list_flag(severities), default=(1, 3, 5), help="e.g. 1,3,5 (default) or 1-5")
+    add_corrupt_seed_arg(p)
     p.add_argument("--limit-per-cell", type=int, metavar="K", help="draw from K images per cell, spread evenly")
     p.add_argument("--n", type=positive_int, default=64, help="images per condition (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draw of those images (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the draw of the n images of each condition (default: 0)"
+    )
     p.add_argument("--k-signature", type=positive_int, default=3, help="BN layers the signature reads (default: 3)")
     p.add_argument("-b", "--batch-size", type=positive_int, default=256, help="micro-batch size (default: 256)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_device_arg(p)
     p.add_argument("--out", required=True, type=Path, help="the bank file to write (.safetensors)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress_arg(p)
     p = bank.add_parser("show", help="print a bank file's conditions and how it was built")
     p.add_argument("file", type=Path, help="a .safetensors bank from bnadapt bank build")
 
@@ -82,8 +88,6 @@ def _build(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"expected --out to end in .safetensors, got {args.out.name!r}")
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"expected an existing directory for --out, got none at {args.out.parent}; create it")
     data = open_data(
         args.data,
         expand_corruptions(args.corruptions),
@@ -92,8 +96,9 @@ def _build(args: argparse.Namespace) -> int:
         clean=args.clean,
         limit=args.limit_per_cell,
     )
-    model = load_model(args.model, **model_loading(args)).to(args.device)
-    bar = progress_bar(0, not args.no_progress, "cond")
+    device = device_of(args)
+    model = load_model(args.model, **model_loading(args)).to(device)
+    bar = Progress(not args.no_progress, "cond")
     t0 = time.perf_counter()
     try:
         bank = build_bank_from_data(
@@ -103,9 +108,9 @@ def _build(args: argparse.Namespace) -> int:
             args.seed,
             args.k_signature,
             args.batch_size,
-            args.device,
+            device,
             model_name=args.model,
-            progress=lambda done, total, name: advance(bar, 1, total),
+            progress=lambda done, total, name: bar.update(done, total, name),
         )
     finally:
         bar.close()

@@ -10,19 +10,20 @@ from pathlib import Path
 
 from ..names import ANALYSES, BUILTIN_METHODS
 from .args import (
+    Progress,
     add_bench_data_args,
     add_follow_links_arg,
+    add_no_progress_arg,
     add_option_arg,
     add_run_args,
     add_seeds_arg,
-    advance,
+    device_of,
     expand_corruptions,
     int_list,
+    list_flag,
     model_loading,
-    name_list,
     positive_int,
     preprocessing_overrides,
-    progress_bar,
 )
 
 __all__ = ["SWEEP_NS", "add_analyze_parser", "add_bench_parsers", "cmd_analyze", "cmd_bench"]
@@ -46,17 +47,17 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g = p.add_argument_group("protocol")
     g.add_argument(
         "--methods",
-        type=name_list,
+        **list_flag(),
         default=("source", "replace"),
-        metavar="M1,M2",
-        help=f"comma list of {', '.join(BUILTIN_METHODS)} (default: source,replace)",
+        metavar="M",
+        help=f"some of {', '.join(BUILTIN_METHODS)}, by spaces or commas (default: source,replace)",
     )
     g.add_argument(
         "--n",
-        type=int_list,
+        **list_flag(int_list),
         default=SWEEP_NS if sweep else (32,),
-        metavar="N1,N2",
-        help="adaptation images per cell, a comma list for a sweep (default: "
+        metavar="N",
+        help="adaptation images per cell, several for a sweep (default: "
         f"{','.join(map(str, SWEEP_NS)) if sweep else 32})",
     )
     add_seeds_arg(g)
@@ -96,7 +97,7 @@ def _add_bench_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="write into a folder holding results of another command")
     g.add_argument("--baseline", type=Path, help="JSON of baseline errors for CE/mCE (default: AlexNet on ImageNet-C)")
     g.add_argument("--no-plots", action="store_true", help="tables only")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress_arg(g)
     g = p.add_argument_group("distributed (launch with torchrun --nproc-per-node K -m bnadapt bench ...)")
     g.add_argument(
         "--shard-cells",
@@ -127,8 +128,8 @@ def add_analyze_parser(sub) -> None:
     add_seeds_arg(g)
     g.add_argument(
         "--ks",
-        type=int_list,
-        metavar="K1,K2",
+        **list_flag(int_list),
+        metavar="K",
         help="depth: numbers of BN layers (default: powers of two below the model's BN layer count)",
     )
     add_run_args(p)
@@ -136,7 +137,7 @@ def add_analyze_parser(sub) -> None:
     g.add_argument("--out", required=True, type=Path, help="folder; the analysis writes into OUT/<analysis>/")
     g.add_argument("--resume", action="store_true", help="skip the cells already finished in OUT/<analysis>/")
     g.add_argument("--no-plots", action="store_true", help="tables only")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress_arg(g)
     add_follow_links_arg(p)
 
 
@@ -189,17 +190,8 @@ def _open_bench_data(args: argparse.Namespace, models: dict):
     )
 
 
-def _device(args: argparse.Namespace) -> str:
-    """--device, defaulting to cuda when a GPU is usable."""
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return args.device
-
-
 def _workers(args: argparse.Namespace) -> int:
-    if args.workers is not None or _device(args) == "cpu":
+    if args.workers is not None or device_of(args) == "cpu":
         return args.workers or 0
     # torchrun's processes on one node share its cores.
     return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
@@ -217,7 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.shard_cells:  # refused before joining the others: every rank runs the same check
         check_shardable([m for m in args.methods if m in _method_names()])
-    dist, device = init_from_env(_device(args), args.dist_timeout, args.shard_cells)
+    dist, device = init_from_env(device_of(args), args.dist_timeout, args.shard_cells)
     try:
         return _bench(args, dist, device)
     except RankFailure as e:
@@ -308,12 +300,7 @@ def _run_bench(args: argparse.Namespace, dist, models: dict, data, config) -> bo
     """Run the benchmark with a progress bar; False when interrupted (the finished cells are kept)."""
     from ..benchmark import run_benchmark
 
-    bar = progress_bar(0, not args.no_progress and dist.rank == 0, "cell")
-
-    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
-        shown = " ".join(f"{k} {100 * v:.1f}%" for k, v in list(accs.items())[:4])
-        bar.set_postfix_str(f"{label}: {shown}", refresh=False)
-        advance(bar, 1, total)
+    bar = Progress(not args.no_progress and dist.rank == 0, "cell")
 
     try:
         run_benchmark(
@@ -324,7 +311,7 @@ def _run_bench(args: argparse.Namespace, dist, models: dict, data, config) -> bo
             command=["bnadapt", *args.argv],
             resume=args.resume,
             force=args.force,
-            progress=progress,
+            progress=bar.update,
             dist=dist,
         )
     except KeyboardInterrupt:
@@ -355,16 +342,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         seeds=tuple(args.seeds),
         batch_size=args.batch_size,
         jobs=_workers(args),
-        device=_device(args),
+        device=device_of(args),
         amp=args.amp,
         channels_last=args.channels_last,
         decode="cpu" if args.cpu_decode else "auto",
     )
-    bar = progress_bar(0, not args.no_progress, "cell")
-
-    def progress(done: int, total: int, label: str, accs: dict[str, float]) -> None:
-        bar.set_postfix_str(f"{label}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items()), refresh=False)
-        advance(bar, done - bar.n, total)
+    bar = Progress(not args.no_progress, "cell")
 
     t0 = time.perf_counter()
     try:
@@ -378,7 +361,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             command=["bnadapt", *args.argv],
             resume=args.resume,
             plots=not args.no_plots,
-            progress=progress,
+            progress=bar.update,
         )
     except KeyboardInterrupt:
         print(
