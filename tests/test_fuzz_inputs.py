@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -244,9 +245,9 @@ def _bench(p, command="bench"):
 BENCH_BAD = [
     (["-b", "0"], "positive integer"), (["-b", "-1"], "positive integer"), (["-b", "1.5"], "positive integer"),
     (["-b", "x"], "positive integer"), (["-j", "-1"], "-j >= 0"), (["-j", "x"], "invalid int value"),
-    (["--n", "0"], "--n >= 1"), (["--n", "-1"], "expected integers"), (["--n", "a"], "expected integers"),
+    (["--n", "0"], "--n >= 1"), (["--n", "-1"], "non-negative integers"), (["--n", "a"], "expected integers"),
     (["--n", "1-"], "expected integers"), (["--n", "5-1"], "non-negative integers"), (["--n", ""], "non-negative"),
-    (["--n", "100"], "lower --n"), (["--seeds", "-1"], "expected integers"), (["--seeds", "x"], "expected integers"),
+    (["--n", "100"], "lower --n"), (["--seeds", "-1"], "non-negative"), (["--seeds", "x"], "expected integers"),
     (["--seeds", "5-1"], "non-negative integers"), (["--severities", "0"], "within 1..5"),
     (["--severities", "6"], "within 1..5"), (["--severities", "1-"], "expected integers"),
     (["--severities", "a"], "expected integers"), (["--severities", "5-1"], "non-negative integers"),
@@ -263,7 +264,7 @@ BENCH_BAD = [
     (["--data", "cifar-c:{p}"], "labels.npy"), (["--data", "npz:{p}/empty.npz"], "at least one image"),
     (["--data", "npz:{p}/float.npz"], "expected uint8"), (["--clean", "{p}/none.npz"], "--clean"),
     (["--baseline", "{p}/none.json"], "baseline JSON"), (["--baseline", "{p}/in.npz"], "baseline JSON"),
-    (["--out", "{p}/a/b/c"], "existing parent directory"),
+    (["--out", "{p}/in.npz/b/c"], "got a file"),
 ]  # fmt: skip
 
 
@@ -293,7 +294,7 @@ ADAPT_BAD = [
     (["--last", "-1"], "positive integer"), (["--method", "nope"], "invalid choice"),
     (["--method", "ema"], "adapts while it runs"), (["--part", "x"], "invalid choice"),
     (["--prior", "-1"], "N >= 0"), (["--prior", "nan"], "N >= 0"), (["--layers", "head*"], "matched none"),
-    (["--out", "{p}/o.txt"], ".safetensors"), (["--out", "{p}/nodir/o.pt"], "existing directory"),
+    (["--out", "{p}/o.txt"], ".safetensors"), (["--out", "{p}/in.npz/o.pt"], "got a file"),
     (["--images", "{p}/none.npz"], "found nothing"), (["--images", "{p}/empty.npz"], "at least one image"),
     (["--images", "{p}/float.npz"], "expected uint8"), (["--images", "{p}/junk.pt"], ".npz or .npy"),
     (["--checkpoint", "{p}/junk.pt"], "expected a PyTorch checkpoint"), (["--model", "nope"], "expected a model"),
@@ -318,7 +319,7 @@ CORRUPT_BAD = [
     (["--severities", "a"], "expected integers"), (["--severities", "5-1"], "non-negative integers"),
     (["--severities", "1-"], "expected integers"), (["--corruptions", "fogg"], "expected corruption names"),
     (["--profile", "mnist"], "invalid choice"), (["--format", "imagenet"], "invalid choice"),
-    (["--input", "{p}/none.npz"], "found nothing"), (["--out", "{p}/a/b"], "existing parent directory"),
+    (["--input", "{p}/none.npz"], "found nothing"), (["--out", "{p}/in.npz/b"], "got a file"),
 ]  # fmt: skip
 
 
@@ -345,7 +346,7 @@ def test_report_and_demo_bad_values(tmp_path):
         (["report", str(tmp_path), "--format", "pdf"], "invalid choice"),
         (["demo", "--seed", "x", "--out", str(tmp_path / "d")], "invalid int value"),
         (["demo", "--seed", "-1", "--out", str(tmp_path / "d")], "non-negative integer --seed"),
-        (["demo", "--out", str(tmp_path / "a" / "b")], "existing parent directory"),  # before minutes of training
+        (["demo", "--out", f"{os.devnull}/b"], "got a file"),  # before minutes of training
     ]
     for argv, match in cases:
         _assert_usage_error(*_run(argv), match)
@@ -373,8 +374,8 @@ def test_missing_or_unknown_arguments(argv, match, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-# Token soup: every command is poisoned at the end (a nonexistent input, an output in a missing folder) so that it
-# fails fast after parsing; what is fuzzed is the parsing and validation of everything before that.
+# Token soup: every command is poisoned at the end (a nonexistent input, an output under a file) so that it fails
+# fast after parsing; what is fuzzed is the parsing and validation of everything before that.
 JUNK = ["-b", "0", "-1", "1.5", "x", "-j", "--n", "5-1", "1-", "", "--seeds", "--seed", "--severities", "6", "0-3",
         "--methods", "source,nope", "--corruptions", "fogg", "all", "--prior", "nan", "--part", "mean", "-v",
         "--adapt-on", "fog:3", "--limit-per-cell", "--device", "meta", "--layers", "--first", "--last", "2",
@@ -384,14 +385,14 @@ JUNK = ["-b", "0", "-1", "1.5", "x", "-j", "--n", "5-1", "1-", "", "--seeds", "-
 
 
 def _poison(sub: str, p) -> list[str]:
-    none = str(p / "none")
+    none, no_out = str(p / "none"), f"{os.devnull}/o"  # missing parents of --out are created, a file is refused
     return {
-        "adapt": ["--model", "cifar10_resnet20", "--images", f"{none}.npz", "--out", f"{none}/o.pt"],
-        "corrupt": ["--input", f"{none}.npz", "--profile", "cifar", "--format", "cifar-c", "--out", f"{none}/o"],
-        "bench": ["--model", "cifar10_resnet20", "--data", f"npz:{none}.npz", "--out", f"{none}/o"],
-        "sweep": ["--model", "cifar10_resnet20", "--data", f"npz:{none}.npz", "--out", f"{none}/o"],
+        "adapt": ["--model", "cifar10_resnet20", "--images", f"{none}.npz", "--out", f"{no_out}.pt"],
+        "corrupt": ["--input", f"{none}.npz", "--profile", "cifar", "--format", "cifar-c", "--out", no_out],
+        "bench": ["--model", "cifar10_resnet20", "--data", f"npz:{none}.npz", "--out", no_out],
+        "sweep": ["--model", "cifar10_resnet20", "--data", f"npz:{none}.npz", "--out", no_out],
         "report": [none],
-        "demo": ["--out", f"{none}/o"],
+        "demo": ["--out", no_out],
     }[sub]
 
 
