@@ -3,7 +3,8 @@
 the files the README names (test.npz, target.npz, my_images/, photos/, val/).
 
 The fast checks (each command parses, each block compiles, each library call in the README's table binds to the real
-signature) always run; running the commands needs the CIFAR weights in ../shared and, for most, ``--runslow``."""
+signature) always run, and so do the python blocks (with the CIFAR weights in ../shared); running the commands
+needs ``--runslow`` (about 2 minutes) and the weights."""
 
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ def _commands() -> list[str]:
 COMMANDS = _commands()
 BNADAPT = [c for c in COMMANDS if c.startswith("bnadapt ")]
 PYTHON = _blocks("python")
-# Quick enough for the default run (one adaptation); the others run every cell of a benchmark.
-QUICK = {c for c in BNADAPT if c.split()[1] == "adapt"}
 
 
 def test_readme_has_what_the_tests_below_run():
@@ -122,30 +121,37 @@ def _needs(text: str) -> None:
 _ran: set[str] = set()
 
 
+def _out(command: str) -> str:
+    """A command's --out, or "" without one."""
+    words = shlex.split(command)
+    return words[words.index("--out") + 1] if "--out" in words else ""
+
+
 def _run(command: str, ws: Path) -> None:
     """Run a README command as ``python -m bnadapt`` in ``ws``, after the earlier commands that write its inputs."""
     for earlier in BNADAPT[: BNADAPT.index(command)]:
-        out = shlex.split(earlier)[shlex.split(earlier).index("--out") + 1].rstrip("/")
-        if earlier not in _ran and any(out in token for token in shlex.split(command)):
+        out = _out(earlier).rstrip("/")
+        if out and earlier not in _ran and any(out in token for token in shlex.split(command)):
             _run(earlier, ws)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BNADAPT_WEIGHTS_DIR": str(WEIGHTS)}
+    # One thread: on a busy machine torch's pool mostly spin-waits on these small batches.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BNADAPT_WEIGHTS_DIR": str(WEIGHTS), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "bnadapt", *shlex.split(command)[1:]]
     done = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
     _ran.add(command)
 
 
-@pytest.mark.parametrize("command", [_marked(c, c in QUICK) for c in BNADAPT])
+# Each command is a process of its own that imports torch (seconds), most run a benchmark: all are slow.
+@pytest.mark.parametrize("command", [_marked(c, quick=False) for c in BNADAPT])
 def test_every_command_runs_as_written(command, workspace):
     _needs(command)
     _run(command, workspace)
-    if "--out" in command:
-        out = shlex.split(command)[shlex.split(command).index("--out") + 1]
-        assert (workspace / out).exists()
+    if _out(command):
+        assert (workspace / _out(command)).exists()
 
 
 @pytest.mark.parametrize("code", [_marked(c, True) for c in PYTHON])
-def test_every_python_block_runs(code, workspace, monkeypatch):
+def test_every_python_block_runs(code, workspace, monkeypatch, one_thread):
     _needs(code)
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("BNADAPT_WEIGHTS_DIR", str(WEIGHTS))
