@@ -41,6 +41,7 @@ def test_bad_amp_and_decode_values_are_refused():
 def test_amp_bf16_on_cpu_stays_close_to_float32(tmp_path: Path, one_thread):
     write_imagenet_c(tmp_path, 224)
     data = open_data(f"imagenet-c:{tmp_path}", ["fog"], [1, 2])
+
     def correct(amp):
         rows = run_benchmark({"t": make_tiny()}, data, BenchConfig(ns=(4,), batch_size=3, amp=amp))
         return {(r["method"], r["severity"]): r["correct"] for r in rows}
