@@ -327,6 +327,14 @@ def model_loading(args: argparse.Namespace) -> dict:
     }
 
 
+def _number(text: str) -> float:
+    """``text`` as a float, NaN when it is not a number (so one range check refuses both)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def crop_fraction(text: str) -> float:
     """Argument type: timm's ``--crop-pct``, a fraction 0 < F <= 1.
 
@@ -334,10 +342,7 @@ def crop_fraction(text: str) -> float:
         >>> crop_fraction("0.875")
         0.875
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a crop fraction 0 < F <= 1 (e.g. 0.875), got {text!r}")
     return value
@@ -350,10 +355,7 @@ def finite_float(text: str) -> float:
         >>> finite_float("0.5")
         0.5
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
