@@ -251,7 +251,7 @@ def _png(path: Path) -> None:
     Image.new("RGB", (8, 8)).save(path)
 
 
-def test_a_folder_of_outside_links_is_one_error_naming_follow_links(tmp_path, caplog, capsys):
+def test_a_folder_of_outside_links_is_one_error_naming_follow_links(tmp_path, resnet20_checkpoint, caplog, capsys):
     for i in range(50):
         _png(tmp_path / "elsewhere" / f"{i}.png")
         (tmp_path / "in").mkdir(exist_ok=True)
@@ -259,7 +259,9 @@ def test_a_folder_of_outside_links_is_one_error_naming_follow_links(tmp_path, ca
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="50 symlink.*--follow-links"):
         read_images(tmp_path / "in")
     assert caplog.records == []
-    argv = ["adapt", "--model", "cifar10_resnet20", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "a.pt")]
+    # A checkpoint of its own: without ../shared the built-in weights are missing, which would be the error instead.
+    argv = ["adapt", "--model", "cifar10_resnet20", "--checkpoint", str(resnet20_checkpoint), "--images",
+            str(tmp_path / "in"), "--out", str(tmp_path / "a.pt")]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--follow-links" in err[0]
