@@ -94,6 +94,7 @@ def _wait_rows(path, k, proc, timeout=600):  # generous: a busy 2-core machine s
     pytest.fail("no rows appeared")
 
 
+@pytest.mark.slow  # 2-4 minutes: a run long enough to be interrupted, then the same run uninterrupted
 def test_sigint_stops_cleanly_second_writer_refused_resume_equals_uninterrupted(setup):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Six seeds make every cell slow enough that the run is still going when the second writer has been refused.
