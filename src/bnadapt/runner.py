@@ -189,7 +189,7 @@ def _start(model, stream: list[Cell], first: _Segment, need: list[Variant], run:
     state = []
     samples: dict = {}
     if run.config.setting == "reset":
-        source, cell = run.data.cell(*stream[0]), stream[0]
+        source, cell = first.images.base, stream[0]  # the cell as opened for the stream, before its ordering
     else:
         source, cell = first.images, stream[0]
     for variant in need:
