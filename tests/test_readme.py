@@ -108,8 +108,10 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _marked(text: str, quick: bool) -> pytest.param:
-    """A command or block as a test parameter: ``shared`` when it loads the CIFAR weights, ``slow`` unless quick."""
-    marks = [pytest.mark.shared] if "cifar10_resnet" in text else []
+    """A command or block as a test parameter: ``shared`` when it (or a command it reads from) loads the CIFAR
+    weights, ``slow`` unless quick."""
+    chain = [text, *_inputs(text)] if text in BNADAPT else [text]
+    marks = [pytest.mark.shared] if any("cifar10_resnet" in t for t in chain) else []
     return pytest.param(text, marks=marks if quick else [*marks, pytest.mark.slow])
 
 
@@ -127,11 +129,20 @@ def _out(command: str) -> str:
     return words[words.index("--out") + 1] if "--out" in words else ""
 
 
-def _run(command: str, ws: Path) -> None:
-    """Run a README command as ``python -m bnadapt`` in ``ws``, after the earlier commands that write its inputs."""
+def _inputs(command: str) -> list[str]:
+    """The earlier README commands whose --out this command reads, those first, in the order they must run."""
+    chain: list[str] = []
     for earlier in BNADAPT[: BNADAPT.index(command)]:
         out = _out(earlier).rstrip("/")
-        if out and earlier not in _ran and any(out in token for token in shlex.split(command)):
+        if out and any(out in token for token in shlex.split(command)):
+            chain += [c for c in [*_inputs(earlier), earlier] if c not in chain]
+    return chain
+
+
+def _run(command: str, ws: Path) -> None:
+    """Run a README command as ``python -m bnadapt`` in ``ws``, after the earlier commands that write its inputs."""
+    for earlier in _inputs(command):
+        if earlier not in _ran:
             _run(earlier, ws)
     # One thread: on a busy machine torch's pool mostly spin-waits on these small batches.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BNADAPT_WEIGHTS_DIR": str(WEIGHTS), "OMP_NUM_THREADS": "1"}
