@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from bnadapt.bn import BNStats, bn_layers, estimate_stats, mix_stats, select_layers
+from bnadapt.bn import BNStats, bn_layers, copy_model, estimate_stats, mix_stats, select_layers
 from conftest import make_tiny
 
 
@@ -186,3 +188,37 @@ def test_mix_stats_parts():
     assert var_only.mean["b"].tolist() == [0.0] * 3 and var_only.var["b"].tolist() == [9.0] * 3
     with pytest.raises(ValueError):
         mix_stats(src, tgt, 1.5)
+
+
+class _Pickles(nn.Module):
+    """A module that changes how it is copied: copy_model leaves it to copy.deepcopy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.copies = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["copies"] = self.copies + 1
+        return state
+
+
+def test_copy_model_is_a_deep_copy_with_ties_hooks_and_custom_copies_kept():
+    conv = nn.Conv2d(3, 3, 1)
+    net = nn.Sequential(conv, nn.BatchNorm2d(3), conv, _Pickles())  # the same conv twice: tied
+    net.scale = torch.ones(3)  # a plain tensor attribute
+    net[1].register_forward_hook(lambda m, a, out: out * 2)
+    twin = copy_model(net)
+    ref = copy.deepcopy(net)
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(twin.eval()(x), ref.eval()(x))
+    assert twin[0] is twin[2] and twin[0] is not conv and twin[3].copies == 1
+    pairs = [*zip(net.state_dict().values(), twin.state_dict().values(), strict=True), (net.scale, twin.scale)]
+    assert all(a is not b and a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in pairs)
+    twin[1].running_var.add_(1)
+    assert torch.equal(net[1].running_var, torch.ones(3))
+    assert sorted(twin.__dict__) == sorted(ref.__dict__) and len(twin[1]._forward_hooks) == 1

@@ -32,6 +32,28 @@ def test_checkpoint_wrappings(tmp_path, wrap):
     assert not m.training
 
 
+def test_safetensors_checkpoint_loads_and_a_damaged_one_is_one_error(tmp_path):
+    from safetensors.torch import save_file
+
+    src = cifar_resnet(20).net
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "ck.safetensors")
+    m = load_model("cifar10_resnet20", checkpoint=tmp_path / "ck.safetensors")
+    assert all(torch.equal(v, m.net.state_dict()[k]) for k, v in src.state_dict().items())
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "ck.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="expected a safetensors checkpoint"):
+        load_model("cifar10_resnet20", checkpoint=tmp_path / "bad.safetensors")
+
+
+def test_packaged_augmix_weights_load_without_shared(monkeypatch, tmp_path):
+    """The AugMix ResNet-20 ships in the package: it loads with no weights folder at all."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("BNADAPT_WEIGHTS_DIR", raising=False)
+    m = load_model("cifar10_resnet20_augmix")
+    assert len(m.net.layer1) == 3 and not m.training
+    plain = cifar_resnet(20).net.state_dict()
+    assert not torch.equal(m.net.linear.weight, plain["linear.weight"])
+
+
 def test_checkpoint_without_num_batches_tracked(tmp_path):
     sd = {k: v for k, v in cifar_resnet(20).net.state_dict().items() if "num_batches_tracked" not in k}
     torch.save(sd, tmp_path / "old.th")
@@ -106,3 +128,13 @@ def test_resnet20_clean_accuracy(shared):
     with torch.inference_mode():
         acc = (m(to_float_nchw(d["x"])).argmax(1).numpy() == d["y"]).mean()
     assert acc == pytest.approx(0.915, abs=1e-9)
+
+
+@pytest.mark.shared
+def test_augmix_resnet20_clean_accuracy(shared):
+    """The issue's floor for the AugMix model: at least 89% clean top-1 on the 1000 lossless test images."""
+    d = np.load(shared / "data" / "cifar10" / "test1000_lossless.npz")
+    m = load_model("cifar10_resnet20_augmix")
+    with torch.inference_mode():
+        acc = (m(to_float_nchw(d["x"])).argmax(1).numpy() == d["y"]).mean()
+    assert acc >= 0.89

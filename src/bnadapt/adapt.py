@@ -9,7 +9,6 @@ itself here with :func:`register_method`. A method takes a copy of the model (ne
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bn import BatchReducer, bn_layers, check_batch_for_layers, select_layers
+from .bn import BatchReducer, bn_layers, check_batch_for_layers, copy_model, select_layers
 from .data import to_float_inputs
 
 log = logging.getLogger(__name__)
@@ -454,6 +453,6 @@ def adapt(
         target = _target(images, cfg, _floating_dtype(model))
         if isinstance(target, torch.Tensor):
             check_batch_for_layers(model, target.shape[0], selected)
-    out = model if inplace else copy.deepcopy(model)
+    out = model if inplace else copy_model(model)
     out = spec.fn(out, target, cfg, selected)
     return out.eval()

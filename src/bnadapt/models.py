@@ -99,7 +99,10 @@ _CIFAR_DEPTHS = {
     "cifar10_resnet44": 44,
     "cifar10_resnet56": 56,
     "cifar10_resnet110": 110,
+    "cifar10_resnet20_augmix": 20,
 }
+# Built-ins whose weights ship inside the package (bnadapt/weights/<name>.safetensors), trained by this project.
+_PACKAGED = ("cifar10_resnet20_augmix",)
 _WEIGHTS_ENV = "BNADAPT_WEIGHTS_DIR"
 
 
@@ -126,6 +129,11 @@ def _weight_dirs() -> list[Path]:
 
 
 def _find_cifar_weights(name: str) -> Path:
+    if name in _PACKAGED:
+        path = Path(__file__).resolve().parent / "weights" / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"expected the {name} weights at {path}, found none; reinstall bnadapt")
+        return path
     stem = f"resnet{_CIFAR_DEPTHS[name]}-"
     dirs = _weight_dirs()
     for d in dirs:
@@ -225,6 +233,8 @@ def _torch_load(path: Path, trust: bool) -> object:
 
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file at {path}, found none")
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
@@ -236,6 +246,17 @@ def _torch_load(path: Path, trust: bool) -> object:
         raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
     except Exception as e:  # a damaged file fails deep in the unpickler in many ways (KeyError, IndexError, ...)
         raise ValueError(f"expected a PyTorch checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors (no code can run: the format holds tensors only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"expected a safetensors checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
 
 
 def _reason(e: Exception) -> str:

@@ -23,6 +23,7 @@ from .estimate import Decide, estimate_in_order, estimate_stats
 from .layers import (
     bn_layers,
     check_batch_for_layers,
+    copy_model,
     execution_order,
     iter_batches,
     model_device,
@@ -43,6 +44,7 @@ __all__ = [
     "batch_var_mean",
     "bn_layers",
     "check_batch_for_layers",
+    "copy_model",
     "check_layer_values",
     "equivalent_prior",
     "estimate_in_order",

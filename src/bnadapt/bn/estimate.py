@@ -105,7 +105,7 @@ def _measuring(model: nn.Module, layers: dict[str, nn.Module], hooks: dict, trai
         for h in handles:
             h.remove()
         for m, mode in modes.items():
-            m.train(mode)
+            m.training = mode  # every module's own flag was saved: no recursive train() per module
         for m, momentum in momenta.items():
             m.momentum = momentum
         with torch.no_grad():
@@ -192,7 +192,7 @@ def estimate_in_order(
                 _layer_pass(model, batches, device, name, found[name], decide)
     finally:
         for m, mode in modes.items():
-            m.train(mode)
+            m.training = mode
     return None
 
 

@@ -6,6 +6,7 @@ Everything here works on any ``nn.Module`` whose normalisation layers derive fro
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -16,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = [
     "bn_layers",
     "check_batch_for_layers",
+    "copy_model",
     "execution_order",
     "iter_batches",
     "model_device",
@@ -41,6 +43,48 @@ def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
         for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
     ]
+
+
+# A module class that changes how it is pickled or copied is copied by copy.deepcopy itself.
+_COPY_HOOKS = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, as ``copy.deepcopy`` makes it (tied tensors stay tied), in a fraction of its time.
+
+    ``copy.deepcopy`` spends most of its time copying each module's many empty hook dictionaries one by one; here those
+    are made anew and everything else goes through ``copy.deepcopy`` with one shared memo.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> twin = copy_model(net)
+        >>> twin[1].running_var is net[1].running_var, bool(twin[1].running_var.equal(net[1].running_var))
+        (False, True)
+    """
+    return _copy_module(model, {})
+
+
+def _copy_module(m: nn.Module, memo: dict) -> nn.Module:
+    if id(m) in memo:
+        return memo[id(m)]
+    cls = type(m)
+    if any(getattr(cls, hook, None) is not getattr(nn.Module, hook, None) for hook in _COPY_HOOKS):
+        return copy.deepcopy(m, memo)
+    new = cls.__new__(cls)
+    memo[id(m)] = new
+    state = {}
+    for k, v in m.__dict__.items():
+        if k == "_modules":
+            state[k] = {name: None if c is None else _copy_module(c, memo) for name, c in v.items()}
+        elif isinstance(v, _IMMUTABLE):
+            state[k] = v
+        elif isinstance(v, (dict, set)) and not v and type(v) in (dict, set, type(m._forward_hooks)):
+            state[k] = type(v)()
+        else:
+            state[k] = copy.deepcopy(v, memo)
+    new.__dict__.update(state)
+    return new
 
 
 def select_layers(

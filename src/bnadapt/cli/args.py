@@ -281,7 +281,10 @@ def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     ``many=True`` (bench, sweep, analyze) takes one or more --model names; ``adapt`` and ``bank build`` take one.
     """
     g = p.add_argument_group("model")
-    names = "cifar10_resnet20/32/44/56/110, torchvision:<name>, timm:<name>, robustbench:<dataset>/<name>"
+    names = (
+        "cifar10_resnet20/32/44/56/110, cifar10_resnet20_augmix, torchvision:<name>, timm:<name>, "
+        "robustbench:<dataset>/<name>"
+    )
     if many:
         g.add_argument(
             "--model", required=True, **list_flag(), metavar="NAME", help=f"one or more of {names} (spaces or commas)"
