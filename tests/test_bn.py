@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnadapt.bn import BNStats, bn_layers, copy_model, estimate_stats, mix_stats, select_layers
+from bnadapt.bn import BNStats, bn_layers, copy_model, estimate_stats, image_moments, mix_stats, select_layers
 from conftest import make_tiny
 
 
@@ -222,3 +222,14 @@ def test_copy_model_is_a_deep_copy_with_ties_hooks_and_custom_copies_kept():
     twin[1].running_var.add_(1)
     assert torch.equal(net[1].running_var, torch.ones(3))
     assert sorted(twin.__dict__) == sorted(ref.__dict__) and len(twin[1]._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (4, 6), (3, 2, 11), (2, 2, 3, 4, 5)])
+def test_image_moments_are_each_images_own_mean_and_biased_variance(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mean, var, positions = image_moments(x)
+    flat = x.double().flatten(2) if x.ndim > 2 else x.double().unsqueeze(-1)
+    ref_var, ref_mean = torch.var_mean(flat, dim=2, correction=0)
+    assert positions == flat.shape[2] and mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-6)

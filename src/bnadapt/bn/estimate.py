@@ -172,9 +172,10 @@ def estimate_in_order(
     Example:
         >>> from bnadapt.bn import pooled_moments
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-        >>> estimate_in_order(net, torch.rand(8, 3, 8, 8), ["1"], lambda n, l, a, w, p: pooled_moments(a, w, p)[:2])
-        >>> bool((net[1].running_var != 1).all())
-        True
+        >>> pooled = lambda name, layer, a, w, positions: pooled_moments(a, w, positions)[:2]
+        >>> out = estimate_in_order(net, torch.rand(8, 3, 8, 8), ["1"], pooled)
+        >>> tuple(out.shape), bool((net[1].running_var != 1).all())
+        ((8, 4, 6, 6), True)
     """
     device = model_device(model, device)
     # An iterable of batches may be single-use: keep the (few) adaptation images.

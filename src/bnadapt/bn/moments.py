@@ -101,8 +101,15 @@ def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """
     x = x.detach().float()
     flat = x.flatten(2) if x.ndim > 2 else x.unsqueeze(-1)
-    var, mean = torch.var_mean(flat, dim=2, correction=0)
-    return mean.double(), var.double(), flat.shape[2]
+    n, c, positions = flat.shape
+    if flat.device.type == "cpu" and flat.numel():
+        # BatchNorm's own statistics kernel with each (image, channel) as a channel: the same values to float32
+        # rounding as var_mean, 3-4x faster on the CPU (a quarter of a sequential estimate's time went to var_mean).
+        mean, var = torch.batch_norm_update_stats(flat.reshape(1, n * c, positions), None, None, 0.0)
+        mean, var = mean.view(n, c), var.view(n, c)
+    else:
+        var, mean = torch.var_mean(flat, dim=2, correction=0)
+    return mean.double(), var.double(), positions
 
 
 def pooled_moments(a: torch.Tensor, w: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
