@@ -1,6 +1,7 @@
 """What one ``bnadapt.adapt`` costs, as a multiple of one eval forward of the same images.
 
 Usage: python benchmarks/bench_adapt.py [--n 32] [--repeat 15] [--threads 1] [--methods replace,prior,sequential,auto]
+       [--parts]
 
 ResNet-20 (random init: the cost does not depend on the weights) on n random 32x32 images, one torch thread by
 default. Each repeat times an eval forward and every method once, interleaved, so a busy machine slows all alike;
@@ -16,6 +17,7 @@ import time
 import torch
 
 from bnadapt import adapt
+from bnadapt.bn import bn_layers, copy_model
 from bnadapt.models import cifar_resnet
 
 
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default="replace,prior,sequential,auto")
+    ap.add_argument("--parts", action="store_true", help="also time a train-mode forward and the model copy alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = cifar_resnet(20).eval()
@@ -41,7 +44,16 @@ def main() -> None:
         with torch.no_grad():
             model(x)
 
+    def train_forward() -> None:  # what replace's one forward cannot avoid: BN computing the batch statistics
+        for _, bn in bn_layers(model):
+            bn.train()
+        with torch.no_grad():
+            model(x)
+        model.eval()
+
     jobs = {"eval forward": forward}
+    if args.parts:
+        jobs.update({"train-mode fwd": train_forward, "copy_model": lambda: copy_model(model)})
     jobs.update({m: (lambda m=m: adapt(model, x, method=m, n=args.n)) for m in methods})
     for fn in jobs.values():  # warm-up
         fn()
