@@ -256,7 +256,8 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"expected a safetensors checkpoint at {path}, got an unreadable file ({_reason(e)})") from e
+        msg = f"expected a PyTorch checkpoint at {path}, got an unreadable safetensors file ({_reason(e)})"
+        raise ValueError(msg) from e
 
 
 def _reason(e: Exception) -> str:
