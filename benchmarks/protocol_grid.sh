@@ -2,15 +2,17 @@
 # Issue 15's grid: every setting x order x batch size, the peers' online BN methods (n = 0, as their papers run them)
 # beside ours (n = 32), ResNet-20 on CIFAR-10 corrupted on the fly. Resumable: rerun the same command to finish.
 #
-#   bash benchmarks/protocol_grid.sh OUT [JOBS]
+#   bash benchmarks/protocol_grid.sh OUT [JOBS] [ONLY]
 #
+# ONLY: an extended regex on the configuration tags (setting_order_bB, e.g. 'mixed_.*_b(200|16)'): run just those.
 # OUT holds build.npz / eval.npz (the lossless test images 0..499 and 500..999: the bank is built from the first half,
 # every method is evaluated on the second) and one bench folder per configuration. JOBS parallel bench processes
 # (default 2), each with one torch thread. Cells: the 15 benchmark corruptions at severity 5, 100 images per cell
 # (--limit-per-cell, spread evenly); gradual: severities 1..5..1, 40 images per visit. One seed (0).
 set -euo pipefail
-OUT=${1:?usage: protocol_grid.sh OUT [JOBS]}
+OUT=${1:?usage: protocol_grid.sh OUT [JOBS] [ONLY]}
 JOBS=${2:-2}
+ONLY=${3:-.*}
 BNADAPT=${BNADAPT:-bnadapt}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
@@ -40,7 +42,7 @@ for setting in reset continual mixed gradual; do
   done
 done
 # Longest first: gradual and b=1 runs, then the rest.
-sort -t_ -k1,1 "$jobs_file" | awk '/gradual/ {print 0 "\t" $0; next} / -b 1 / {print 1 "\t" $0; next} {print 2 "\t" $0}' \
+grep -E -- "--out (peers|ours)_(${ONLY})\$" "$jobs_file" | sort -t_ -k1,1 | awk '/gradual/ {print 0 "\t" $0; next} / -b 1 / {print 1 "\t" $0; next} {print 2 "\t" $0}' \
   | sort -s -k1,1n | cut -f2- | OMP_NUM_THREADS=1 xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>> grid.log || echo "FAILED: {}" >> grid.log'
 rm -f "$jobs_file"
 echo "done: $(ls -d peers_* ours_* | wc -l) folders in $OUT"

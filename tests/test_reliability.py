@@ -96,9 +96,11 @@ def _wait_for(path, proc, timeout=600):  # generous: a busy 2-core machine start
 
 # The interrupted run pauses for good after its second cell, inside the journal's append (the row is on disk by then),
 # so the signal always lands mid-run: without the pause a fast machine could finish the run before the signal.
+# A shell's background job inherits SIGINT ignored (make test & , a CI runner): Ctrl-C is restored as a terminal has it.
 _PAUSING_RUN = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from bnadapt import results
 from bnadapt.cli import main
 real, appends = results.Journal.append, []
