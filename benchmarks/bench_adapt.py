@@ -44,12 +44,14 @@ def main() -> None:
         with torch.no_grad():
             model(x)
 
+    # A copy in train mode: its running statistics drift with every call, the measured model's must not.
+    twin = copy_model(model)
+    for _, bn in bn_layers(twin):
+        bn.train()
+
     def train_forward() -> None:  # what replace's one forward cannot avoid: BN computing the batch statistics
-        for _, bn in bn_layers(model):
-            bn.train()
         with torch.no_grad():
-            model(x)
-        model.eval()
+            twin(x)
 
     jobs = {"eval forward": forward}
     if args.parts:

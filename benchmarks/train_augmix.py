@@ -139,8 +139,7 @@ def train(args: argparse.Namespace) -> Path:
     for epoch in range(first, args.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=gen, num_workers=args.workers,
-                            persistent_workers=False, drop_last=False)  # fmt: skip
+        loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=gen, num_workers=args.workers)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", dynamic_ncols=True)
         for views, labels in bar:

@@ -76,7 +76,7 @@ def _copy_module(m: nn.Module, memo: dict) -> nn.Module:
     state = {}
     for k, v in m.__dict__.items():
         if k == "_modules":
-            state[k] = {name: None if c is None else _copy_module(c, memo) for name, c in v.items()}
+            state[k] = type(v)((name, None if c is None else _copy_module(c, memo)) for name, c in v.items())
         elif isinstance(v, _IMMUTABLE):
             state[k] = v
         elif isinstance(v, (dict, set)) and not v and type(v) in (dict, set, type(m._forward_hooks)):
