@@ -4,6 +4,8 @@ order x batch size, and the goals for our methods (auto, bank) against source an
     python benchmarks/protocol_table.py OUT
 
 Means are over the corrupted rows of each folder (every visit of a cell in ``gradual``); the clean cell is left out.
+``prior+r`` and ``auto+r`` are the offline estimators adapting again every 32 images on the latest 32 (``--refresh
+32``, the ``refresh_*`` folders); in ``reset`` there is nothing to refresh and they are ``prior`` and ``auto``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 
 from bnadapt.results import read_results
 
-METHODS = ("source", "test-batch", "ema", "rbn", "dua", "tent", "prior", "auto", "bank")
-PEERS_BN = ("test-batch", "ema", "rbn", "dua", "prior")  # the peers' BN-statistics estimators
-OURS = ("auto", "bank")
+METHODS = ("source", "test-batch", "ema", "rbn", "dua", "tent", "prior", "auto", "bank", "prior+r", "auto+r")
+PEERS_BN = ("test-batch", "ema", "rbn", "dua", "prior", "prior+r")  # the peers' BN-statistics estimators
+OURS = ("auto", "bank", "auto+r")
 SETTINGS = ("reset", "continual", "gradual", "mixed")
 ORDERS = ("shuffled", "dirichlet0.1")
 BATCHES = (200, 16, 1)
@@ -45,6 +47,8 @@ def main() -> None:
                 tag = f"{s}_{o}_b{b}"
                 expected = 15 * (9 if s == "gradual" else 1)  # 15 corruptions; gradual visits 1..5..1
                 row = {**means(out / f"peers_{tag}", expected), **means(out / f"ours_{tag}", expected)}
+                refreshed = means(out / f"refresh_{tag}", expected) if s != "reset" else row
+                row.update({f"{m}+r": refreshed[m] for m in ("prior", "auto") if m in refreshed})
                 if row:
                     grid[(s, o, b)] = row
     print("| setting | order | b | " + " | ".join(METHODS) + " |")
@@ -62,8 +66,8 @@ def main() -> None:
         worst = min(complete, key=lambda k: complete[k][m] - complete[k]["source"])
         d = complete[worst][m] - complete[worst]["source"]
         print(f"| {m} | {d:+.1f} | {worst[0]} {worst[1]} b={worst[2]} | {'yes' if d >= 0 else 'no'} |")
-    print("\n| setting | best peer BN method (mean over orders x b) | its mean | auto | bank |")
-    print("|---|---|---:|---:|---:|")
+    print("\n| setting | best peer BN method (mean over orders x b) | its mean | " + " | ".join(OURS) + " |")
+    print("|---|---|---:|" + "---:|" * len(OURS))
     gaps = {m: [] for m in OURS}
     for s in SETTINGS:
         keys = [k for k in complete if k[0] == s]
@@ -73,7 +77,7 @@ def main() -> None:
         best = max(PEERS_BN, key=avg.get)
         for m in OURS:
             gaps[m].append(avg[m] - avg[best])
-        print(f"| {s} | {best} | {avg[best]:.1f} | {avg['auto']:.1f} | {avg['bank']:.1f} |")
+        print(f"| {s} | {best} | {avg[best]:.1f} | " + " | ".join(f"{avg[m]:.1f}" for m in OURS) + " |")
     for m in OURS:
         g = sum(gaps[m]) / len(gaps[m])
         print(f"\n{m}: {g:+.2f} pp above the best peer BN method, averaged over settings (goal: >= +1.0)")

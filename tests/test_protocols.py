@@ -13,6 +13,7 @@ from bnadapt.benchmark import BenchConfig, run_benchmark
 from bnadapt.cli import main
 from bnadapt.data import ArrayImages, Cell, open_data, to_float_nchw
 from bnadapt.models import cifar_resnet
+from bnadapt.runner import mixed_order
 from bnadapt.streams import check_order, draw_seed, plan_streams, stream_order
 from conftest import make_tiny
 
@@ -139,6 +140,48 @@ def test_continual_carries_state_and_mixed_keeps_cells(data):
             assert r["correct"] == reset[("source", 0, None, r["corruption"], r["severity"], None)]["correct"]
 
 
+def test_mixed_follows_the_order():
+    labels = [np.repeat(np.arange(10), 50), np.repeat(np.arange(10), 50)[::-1].copy()]
+    streams = {}
+    for order in ("shuffled", "sorted", "dirichlet:0.1"):
+        origin, local = mixed_order(labels, order, seed=4)
+        assert sorted(zip(origin.tolist(), local.tolist(), strict=True)) == [(k, i) for k in (0, 1) for i in range(500)]
+        assert 300 < _switches(origin) < 700  # the two cells stay interleaved whatever the order
+        streams[order] = np.array([labels[k][i] for k, i in zip(origin, local, strict=True)])
+    for k in (0, 1):  # sorted: each cell's images in the data's own order
+        origin, local = mixed_order(labels, "sorted", seed=4)
+        assert local[origin == k].tolist() == list(range(500))
+    assert _switches(streams["dirichlet:0.1"]) < 0.2 * _switches(streams["shuffled"])  # label runs across cells
+    same = mixed_order(labels, "shuffled", 4)  # the stream of earlier versions: one seeded permutation of the union
+    perm = np.random.default_rng(4).permutation(1000)
+    assert np.array_equal(same[0], (perm >= 500).astype(np.int64)) and np.array_equal(same[1], perm % 500)
+
+
+def test_refresh_adapts_again_on_the_latest_images(data):
+    tiny = make_tiny()
+    cfg = dict(methods=("source", "replace", "ema"), ns=(8,), batch_size=8, setting="continual")
+    once = _by_key(run_benchmark({"t": tiny}, data, BenchConfig(**cfg)))
+    again = _by_key(run_benchmark({"t": tiny}, data, BenchConfig(refresh=8, **cfg)))
+    assert once.keys() == again.keys()
+    for key, row in again.items():
+        if key[0] != "replace":  # online and image-free methods ignore --refresh
+            assert row["correct"] == once[key]["correct"] and "refresh" not in row
+    replaced = [(row, once[key]) for key, row in again.items() if key[0] == "replace"]
+    assert all(row["refresh"] == 8 for row, _ in replaced)
+    # The first cell of a stream starts from the same first 8 images; later cells see statistics of their own images.
+    later = [(row, old) for row, old in replaced if row["step"] > 0]
+    assert any(row["correct"] != old["correct"] for row, old in later)
+    # Adapting again on a window of the cell itself, the continual rows come close to reset's.
+    reset = _by_key(run_benchmark({"t": tiny}, data, BenchConfig(methods=("replace",), ns=(8,), batch_size=8)))
+
+    def gap(rows):
+        return sum(abs(r["accuracy"] - reset[("replace", 8, 0, *_cell(r), None)]["accuracy"]) for r in rows)
+
+    assert gap([row for row, _ in later]) < gap([old for _, old in later])
+    with pytest.raises(ValueError, match="--refresh K >= 1 with --setting continual"):
+        run_benchmark({"t": tiny}, data, BenchConfig(methods=("replace",), refresh=8))
+
+
 def test_gradual_visits_cells_twice_and_resumes(data, tmp_path):
     tiny = make_tiny()
     cfg = BenchConfig(methods=("source", "test-batch"), setting="gradual", batch_size=8)
@@ -185,6 +228,8 @@ def test_prior_is_schneider_by_default():
         (["--order", "random"], "expected --order"),
         (["--setting", "continual", "--adapt-on", "fog:1"], "--adapt-on with --setting reset"),
         (["--methods", "replace", "--n", "0"], "--n 0"),
+        (["--refresh", "32"], "--refresh K >= 1 with --setting continual"),
+        (["--setting", "mixed", "--refresh", "0"], "--refresh"),
     ],
 )
 def test_cli_refuses_bad_protocols(npz, tmp_path, resnet20_checkpoint, capsys, flags, message):

@@ -83,6 +83,7 @@ class BenchConfig:
     decode: str = "auto"  # where JPEG files are decoded and generate:'s corruptions run: auto (the device) or cpu
     order: str = "shuffled"  # how each cell's images stream: shuffled, sorted or dirichlet:ALPHA (bnadapt.streams)
     setting: str = "reset"  # which cells share a stream without a reset: reset, continual, gradual or mixed
+    refresh: int = 0  # outside reset: offline methods adapt again every `refresh` images on the latest n (0: never)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in method_names()]
@@ -99,6 +100,11 @@ class BenchConfig:
         check_order(self.order)
         if self.setting not in SETTINGS:
             raise ValueError(f"expected --setting to be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.refresh < 0 or self.refresh and self.setting == "reset":
+            raise ValueError(
+                f"expected --refresh K >= 1 with --setting continual, gradual or mixed (got --refresh {self.refresh} "
+                f"with --setting {self.setting}); in reset every cell is adapted from the source model anyway"
+            )
         if self.setting != "reset" and self.adapt_on is not None:
             raise ValueError(f"expected --adapt-on with --setting reset only, got --setting {self.setting}")
         if not self.seeds or any(s < 0 for s in self.seeds):
@@ -201,6 +207,8 @@ def _header(models: Mapping[str, nn.Module], data: BenchData, config: BenchConfi
     }
     # Only when set, so that results of earlier versions stay resumable.
     fingerprint.update({k: v for k, v in (("first", config.first), ("last", config.last)) if v is not None})
+    if config.refresh:
+        fingerprint["refresh"] = config.refresh
     if options:
         fingerprint["options"] = dict(sorted(options.items()))
     return {

@@ -29,7 +29,7 @@ from .streams import draw_seed, stream_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluator", "Run", "Variant", "run_streams", "stream_label"]
+__all__ = ["Evaluator", "Run", "Variant", "mixed_order", "run_streams", "stream_label"]
 
 Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
 
@@ -118,10 +118,36 @@ def _segments(p: int, stream: list[Cell], run: Run) -> list[_Segment]:
     sets = [run.data.cell(*c) for c in stream]
     if run.config.setting != "mixed" or len(stream) == 1 and stream[0].corruption == "clean":
         return [_Segment(p, k, c, _ordered(s, c, run)) for k, (c, s) in enumerate(zip(stream, sets, strict=True))]
-    origin = np.concatenate([np.full(len(s), k, np.int64) for k, s in enumerate(sets)])
-    local = np.concatenate([np.arange(len(s), dtype=np.int64) for s in sets])
-    perm = np.random.default_rng(draw_seed(0, "mixed", "order")).permutation(len(origin))
-    return [_Segment(p, 0, None, _Mixed(sets, origin[perm], local[perm]), origin[perm])]
+    origin, local = mixed_order([s.labels for s in sets], run.config.order, draw_seed(0, "mixed", "order"))
+    return [_Segment(p, 0, None, _Mixed(sets, origin, local), origin)]
+
+
+def mixed_order(labels: list[np.ndarray], order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``mixed`` stream of several cells: per position, the cell (``origin``) and the image within it (``local``).
+
+    The cells are interleaved at random; ``order`` then acts on the union as on one cell: ``shuffled`` keeps the
+    random interleaving, ``sorted`` plays each cell's images in the data's own order (cells still interleaved), and
+    ``dirichlet:ALPHA`` makes the union's labels come in runs (each run mixes the cells).
+
+    Example:
+        >>> origin, local = mixed_order([np.array([0, 1, 0]), np.array([1, 1])], "sorted", 0)
+        >>> sorted(zip(origin.tolist(), local.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+        True
+        >>> local[origin == 0].tolist()
+        [0, 1, 2]
+    """
+    origin = np.concatenate([np.full(len(y), k, np.int64) for k, y in enumerate(labels)])
+    local = np.concatenate([np.arange(len(y), dtype=np.int64) for y in labels])
+    perm = np.random.default_rng(seed).permutation(len(origin))
+    origin, local = origin[perm], local[perm]
+    if order == "sorted":
+        for k in range(len(labels)):
+            local[origin == k] = np.sort(local[origin == k])
+    elif order != "shuffled":
+        union = np.concatenate(labels)[perm]
+        again = stream_order(union, order, seed)
+        origin, local = origin[again], local[again]
+    return origin, local
 
 
 def stream_label(stream: list[Cell]) -> str:
@@ -156,8 +182,15 @@ def _adapted(model, variant: Variant, source: ImageSet, cell: Cell, run: Run, sa
         if key not in samples:
             samples[key] = run.ev.inputs(source.load(indices, device, run.ev.on_device))
         images = samples[key]
+    out = _adapt_on(model, variant, images, run, reducer)
+    return out, time.perf_counter() - t0, drawn
+
+
+def _adapt_on(model: nn.Module, variant: Variant, images, run: Run, reducer=None) -> nn.Module:
+    """``model`` adapted by one variant on ``images`` (already on the device), as the run's settings say."""
+    method, n, seed = variant
     # One batch of n images, as the authors' protocol: the evaluation batch size never changes the statistics.
-    out = adapt(
+    return adapt(
         model,
         images,
         method=method,
@@ -166,11 +199,41 @@ def _adapted(model, variant: Variant, source: ImageSet, cell: Cell, run: Run, sa
         first=run.config.first,
         last=run.config.last,
         batch_size=max(1, n),
-        device=device,
-        options=options,
+        device=run.ev.device,
+        options=run.config.options_for(method),
         reducer=reducer,
     )
-    return out, time.perf_counter() - t0, drawn
+
+
+class _Window:
+    """The latest ``n`` images of a stream, for an offline method that adapts again every ``every`` images
+    (``--refresh``). The stream's first n images were its first adaptation, so the count starts at -n.
+
+    Example:
+        >>> w = _Window(2, 3)  # first adapted on images 0 and 1; again every 3 images, on the latest 2
+        >>> [None if (x := w.push(torch.tensor([[float(k)]]))) is None else x.flatten().tolist() for k in range(9)]
+        [None, None, None, None, [3.0, 4.0], None, None, [6.0, 7.0], None]
+    """
+
+    def __init__(self, n: int, every: int) -> None:
+        self.n, self.every, self.since = n, every, -n
+        self.parts: list[torch.Tensor] = []
+
+    def push(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Add a batch; return the latest n images when ``every`` images have come since the last adaptation."""
+        self.parts.append(x)
+        self.since += len(x)
+        kept, total = [], 0
+        for part in reversed(self.parts):
+            if total >= self.n:
+                break
+            kept.append(part)
+            total += len(part)
+        self.parts = kept[::-1]
+        if self.since < self.every:
+            return None
+        self.since = 0
+        return torch.cat(self.parts)[-self.n :]
 
 
 @dataclass
@@ -182,6 +245,7 @@ class _State:
     seconds: float
     drawn: int | None
     counts: dict = field(default_factory=dict)  # stream cell index -> Accuracy
+    window: _Window | None = None  # with --refresh: what the variant adapts on next
 
 
 def _start(model, stream: list[Cell], first: _Segment, need: list[Variant], run: Run, adapted_once) -> list[_State]:
@@ -204,7 +268,9 @@ def _start(model, stream: list[Cell], first: _Segment, need: list[Variant], run:
             # Online methods keep changing while they run: each cell starts from the state adapt() returned.
             if is_online(variant[0]):
                 reset(m)
-        state.append(_State(variant, m, secs, drawn))
+        method, n, _ = variant
+        refresh = run.config.refresh and method_uses_images(method) and not is_online(method) and n > 0
+        state.append(_State(variant, m, secs, drawn, window=_Window(n, run.config.refresh) if refresh else None))
     return state
 
 
@@ -223,6 +289,8 @@ def _rows(name: str, stream: list[Cell], state: list[_State], run: Run) -> list[
             row.update(order=config.order, setting=config.setting, draw_seed=s.drawn)
             if config.setting != "reset":
                 row["step"] = k
+            if s.window is not None:
+                row["refresh"] = config.refresh
             out.append(row)
     if run.done:
         out = [r for r in out if row_key(r) not in run.done]
@@ -272,6 +340,8 @@ def run_streams(
         offset += len(yb)
         for s in state:
             t0 = time.perf_counter()
+            if s.window is not None and (latest := s.window.push(x)) is not None:
+                s.model = _adapt_on(model, s.variant, latest, run)
             logits = ev(s.model, x)
             _count(s.counts, logits, y, seg.step if origin is None else origin)
             s.seconds += time.perf_counter() - t0

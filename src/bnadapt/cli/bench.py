@@ -83,8 +83,16 @@ def _add_bench_args(p: argparse.ArgumentParser, sweep: bool) -> None:
         default="reset",
         choices=("reset", "continual", "gradual", "mixed"),
         help="reset: every cell from the source model; continual: the corruptions in a row per severity, no reset "
-        "(CoTTA); gradual: severities 1..5..1 per corruption, no reset; mixed: all cells' images in one shuffled "
+        "(CoTTA); gradual: severities 1..5..1 per corruption, no reset; mixed: all cells' images interleaved in one "
         "stream (default: reset)",
+    )
+    g.add_argument(
+        "--refresh",
+        type=positive_int,
+        default=0,
+        metavar="K",
+        help="with --setting continual, gradual or mixed: offline methods (replace, prior, auto, ...) adapt again "
+        "every K images, on the latest n images of the stream (default: once, on the stream's first n)",
     )
     add_run_args(p)
     _add_bench_output_args(p)
@@ -293,6 +301,7 @@ def _bench_config(args: argparse.Namespace, device: str):
         decode="cpu" if args.cpu_decode else "auto",
         order=args.order,
         setting=args.setting,
+        refresh=args.refresh,
     )
 
 
