@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's grid: every setting x order x batch size, the peers' online BN methods (n = 0, as their papers run them)
-# beside ours (n = 32; outside reset also with --refresh 32), ResNet-20 on CIFAR-10 corrupted on the fly. Resumable:
+# beside ours (n = 32; outside reset also with --refresh 32; bank also with assign=auto), ResNet-20 on CIFAR-10 corrupted on the fly. Resumable:
 # rerun the same command to finish.
 #
 #   bash benchmarks/protocol_grid.sh OUT [JOBS] [ONLY]
@@ -39,13 +39,14 @@ for setting in reset continual mixed gradual; do
       common="--model cifar10_resnet20 --data generate:cifar:eval.npz --corruptions common $cells --setting $setting --order $order -b $b --no-plots --no-progress --resume"
       echo "$BNADAPT bench $common --methods source,test-batch,ema,rbn,dua,tent --n 0 --out peers_$tag" >> "$jobs_file"
       echo "$BNADAPT bench $common --methods source,prior,auto,bank --n 32 --opt bank=bank.safetensors --out ours_$tag" >> "$jobs_file"
+      echo "$BNADAPT bench $common --methods source,bank --n 32 --opt bank=bank.safetensors --opt assign=auto --out banka_$tag" >> "$jobs_file"
       # Outside reset, the offline estimators once more, adapting again every 32 images on the latest 32 (--refresh).
       [ "$setting" = reset ] || echo "$BNADAPT bench $common --methods source,prior,auto --n 32 --refresh 32 --out refresh_$tag" >> "$jobs_file"
     done
   done
 done
 # Longest first: gradual and b=1 runs, then the rest.
-grep -E -- "--out (peers|ours|refresh)_(${ONLY})\$" "$jobs_file" | sort -t_ -k1,1 | awk '/gradual/ {print 0 "\t" $0; next} / -b 1 / {print 1 "\t" $0; next} {print 2 "\t" $0}' \
+grep -E -- "--out (peers|ours|refresh|banka)_(${ONLY})\$" "$jobs_file" | sort -t_ -k1,1 | awk '/gradual/ {print 0 "\t" $0; next} / -b 1 / {print 1 "\t" $0; next} {print 2 "\t" $0}' \
   | sort -s -k1,1n | cut -f2- | OMP_NUM_THREADS=1 xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>> grid.log || echo "FAILED: {}" >> grid.log'
 rm -f "$jobs_file"
-echo "done: $(ls -d peers_* ours_* refresh_* 2>/dev/null | wc -l) folders in $OUT"
+echo "done: $(ls -d peers_* ours_* refresh_* banka_* 2>/dev/null | wc -l) folders in $OUT"

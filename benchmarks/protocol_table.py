@@ -6,6 +6,7 @@ order x batch size, and the goals for our methods (auto, bank) against source an
 Means are over the corrupted rows of each folder (every visit of a cell in ``gradual``); the clean cell is left out.
 ``prior+r`` and ``auto+r`` are the offline estimators adapting again every 32 images on the latest 32 (``--refresh
 32``, the ``refresh_*`` folders); in ``reset`` there is nothing to refresh and they are ``prior`` and ``auto``.
+``bank-a`` is ``bank`` with ``--opt assign=auto`` (a batch that agrees on no entry is assigned per image).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 from bnadapt.results import read_results
 
-METHODS = ("source", "test-batch", "ema", "rbn", "dua", "tent", "prior", "auto", "bank", "prior+r", "auto+r")
+METHODS = ("source", "test-batch", "ema", "rbn", "dua", "tent", "prior", "auto", "bank", "prior+r", "auto+r", "bank-a")
 PEERS_BN = ("test-batch", "ema", "rbn", "dua", "prior", "prior+r")  # the peers' BN-statistics estimators
-OURS = ("auto", "bank", "auto+r")
+OURS = ("auto", "bank", "auto+r", "bank-a")
 SETTINGS = ("reset", "continual", "gradual", "mixed")
 ORDERS = ("shuffled", "dirichlet0.1")
 BATCHES = (200, 16, 1)
@@ -49,6 +50,9 @@ def main() -> None:
                 row = {**means(out / f"peers_{tag}", expected), **means(out / f"ours_{tag}", expected)}
                 refreshed = means(out / f"refresh_{tag}", expected) if s != "reset" else row
                 row.update({f"{m}+r": refreshed[m] for m in ("prior", "auto") if m in refreshed})
+                assigned = means(out / f"banka_{tag}", expected)
+                if "bank" in assigned:
+                    row["bank-a"] = assigned["bank"]
                 if row:
                     grid[(s, o, b)] = row
     print("| setting | order | b | " + " | ".join(METHODS) + " |")

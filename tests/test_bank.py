@@ -99,6 +99,32 @@ def test_output_equals_the_model_with_the_entry_applied(bank, bank_file, tiny):
         assert torch.equal(model(x), oracle(x)) and model.last == "bright"
 
 
+def test_images_choose_alone_and_auto_tells_a_mixed_batch(bank_file, tiny, monkeypatch):
+    x = torch.stack([_images(c, 8, seed=50 + i)[k] for k in range(8) for i, c in enumerate(SHIFTS)])  # interleaved
+    opts = {"bank": str(bank_file)}
+    alone = adapt(tiny, method="bank", options=opts)
+    per_image = adapt(tiny, method="bank", options={**opts, "assign": "image"})
+    with torch.no_grad():
+        expected = torch.cat([alone(x[k : k + 1]) for k in range(len(x))])
+        got = per_image(x)
+    assert torch.allclose(got, expected, atol=1e-5)  # one forward per chosen entry = each image on its own
+    assert per_image.counts == alone.counts and sum(per_image.counts.values()) == len(x)
+    assert sum(per_image.counts[c] for c in SHIFTS) >= 24  # most images find their own condition
+    batch = adapt(tiny, method="bank", options=opts)
+    auto = adapt(tiny, method="bank", options={**opts, "assign": "auto"})
+    with torch.no_grad():
+        one = _images("bright", 16, seed=8)
+        assert torch.equal(auto(one), batch(one)) and auto.counts == batch.counts  # one condition: one choice
+        # Four conditions in equal shares agree at most 1/4 with any one choice: below a threshold of 1/2, each image
+        # chooses alone.
+        monkeypatch.setattr("bnadapt.methods.bank.AGREE", 0.5)
+        assert torch.allclose(auto(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="assign=batch with mix=true"):
+        adapt(tiny, method="bank", options={**opts, "assign": "image", "mix": True})
+    with pytest.raises(ValueError, match="assign to be one of batch, image, auto"):
+        adapt(tiny, method="bank", options={**opts, "assign": "each"})
+
+
 def test_partial_forward_stops_at_the_last_signature_layer(tiny):
     bank = build_bank(tiny, {c: _images(c, 8, seed=i) for i, c in enumerate(SHIFTS)}, n=4, k_signature=1)
     model = BankModel(copy.deepcopy(tiny), bank).eval()

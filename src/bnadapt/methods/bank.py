@@ -19,7 +19,13 @@ from ..bank import COVARIANCES, FALLBACK, Bank, SignatureProbe, gaussian_scores,
 from ..bn import BNStats, bn_layers, mix_stats
 from ..data import CLEAN
 
-__all__ = ["BankModel"]
+__all__ = ["AGREE", "ASSIGN", "BankModel"]
+
+ASSIGN = ("batch", "image", "auto")
+# assign=auto: the least share of a batch's images whose own best entry is the batch's that still counts as one
+# condition. Homogeneous CIFAR-10-C batches agree at about 0.5 on average, batches of a mixed stream of the 15
+# corruptions at about 0.03 (ResNet-20, the 46-entry bank of docs/results.md; set from that exploratory look).
+AGREE = 0.1
 
 
 class BankModel(nn.Module):
@@ -32,8 +38,12 @@ class BankModel(nn.Module):
     entry, the rest shared evenly). The best entry's statistics (or, with ``mix``, the softmax mix with weights
     ``exp(-score / temperature)``) go into the selected BN ``layers`` (``part`` as in :func:`bnadapt.adapt`), unless
     the batch's mean normalised distance to that entry exceeds ``fallback`` times the bank's threshold: then the
-    source statistics do (``fallback=inf``: never). ``counts`` maps each condition and ``"fallback"`` to how many
-    calls chose it; ``last`` is the last call's choice.
+    source statistics do (``fallback=inf``: never). ``assign`` says who gets one choice: ``"batch"`` (the whole
+    batch, as above), ``"image"`` (each image its own best entry, scored and fallen back alone; the batch runs in one
+    forward per chosen entry), or ``"auto"``: the batch's choice when at least :data:`AGREE` of its images would pick
+    that entry alone, else each image its own (a batch drawn from many conditions, as in a mixed stream, agrees on
+    no entry). ``counts`` maps each condition and ``"fallback"`` to how many choices picked it (one per call, or one
+    per image when images choose); ``last`` is the last choice (per image: the most frequent in the call).
 
     Example:
         >>> import copy
@@ -57,9 +67,11 @@ class BankModel(nn.Module):
         fallback: float = 1.0,
         covariance: str = "pooled",
         clean_prior: float = 0.5,
+        assign: str = "batch",
     ) -> None:
         super().__init__()
-        _check_settings(temperature, fallback, covariance, clean_prior)
+        _check_settings(temperature, fallback, covariance, clean_prior, assign, mix)
+        self.assign = assign
         bank.check_fits(model)
         self.model = model
         self.conditions = bank.conditions
@@ -119,8 +131,8 @@ class BankModel(nn.Module):
             self._layers[i].running_var.copy_(var[row])
 
     @torch.no_grad()
-    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each entry's score for batch ``x`` (lower is better) and the batch's normalised distance to it, (E,) each.
+    def image_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's score for each entry (lower is better) and its normalised distance to it, (B, E) each.
 
         Runs the partial forward (with the source statistics in the signature layers); sets nothing else.
         """
@@ -131,12 +143,19 @@ class BankModel(nn.Module):
         if self._pooled:
             sig = sig @ self._whiten.T
         nll, dist = gaussian_scores(sig, self._sig_mean, self._sig_std)
-        return nll.mean(0) - self._log_prior, dist.mean(0)
+        return nll - self._log_prior, dist
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each entry's score for batch ``x`` (lower is better) and the batch's normalised distance to it, (E,) each."""
+        score, dist = self.image_scores(x)
+        return score.mean(0), dist.mean(0)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> str:
         """Score the entries for batch ``x``, put the chosen statistics in place and return the choice's name."""
-        score, dist = self.scores(x)
+        return self._select_batch(*self.scores(x))
+
+    def _select_batch(self, score: torch.Tensor, dist: torch.Tensor) -> str:
         best = int(score.argmin())
         if not float(dist[best]) <= self.limit:  # NaN falls back too
             row, choice = self._source_row, FALLBACK
@@ -161,19 +180,56 @@ class BankModel(nn.Module):
         self.last = choice
         return choice
 
+    @torch.no_grad()
+    def image_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per image of ``x``, the row of statistics it gets (None: one choice for the batch, already in place)."""
+        score, dist = self.image_scores(x)
+        best = score.argmin(1)
+        batch_best = int(score.mean(0).argmin())
+        if self.assign == "batch" or self.assign == "auto" and float((best == batch_best).float().mean()) >= AGREE:
+            self._select_batch(score.mean(0), dist.mean(0))
+            return None
+        own = dist.gather(1, best[:, None])[:, 0]
+        rows = torch.where(own <= self.limit, best, torch.full_like(best, self._source_row))  # NaN falls back too
+        names = [*self.conditions, FALLBACK]
+        chosen = [names[r] for r in rows.tolist()]
+        for name in chosen:
+            self.counts[name] += 1
+        self.last = max(set(chosen), key=chosen.count)
+        return rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0]:
-            # Selection in float32 as at build time, also under autocast: a bf16 signature or mix would drift.
-            with torch.autocast(x.device.type, enabled=False):
-                self.select(x)
-        return self.model(x)
+        if not x.shape[0]:
+            return self.model(x)
+        # Selection in float32 as at build time, also under autocast: a bf16 signature or mix would drift.
+        with torch.autocast(x.device.type, enabled=False):
+            rows = self.image_rows(x)
+        if rows is None:
+            return self.model(x)
+        out = None
+        for row in rows.unique().tolist():
+            at = rows == row
+            with torch.no_grad():
+                self._set_row(row)
+            self._current = row
+            y = self.model(x[at])
+            if out is None:
+                out = y.new_empty((len(x), *y.shape[1:]))
+            out[at] = y
+        return out
 
 
 def _subset(stats: BNStats, names: list[str]) -> BNStats:
     return BNStats(mean={n: stats.mean[n] for n in names}, var={n: stats.var[n] for n in names})
 
 
-def _check_settings(temperature: float, fallback: float, covariance: str, clean_prior: float) -> None:
+def _check_settings(
+    temperature: float, fallback: float, covariance: str, clean_prior: float, assign: str = "batch", mix: bool = False
+) -> None:
+    if assign not in ASSIGN:
+        raise ValueError(f"expected the bank's option assign to be one of {', '.join(ASSIGN)}, got {assign!r}")
+    if mix and assign != "batch":
+        raise ValueError(f"expected assign=batch with mix=true (the mix is one per batch), got assign={assign}")
     if not 0 < temperature < math.inf:
         raise ValueError(f"expected a positive finite temperature for the bank's mix, got {temperature}")
     if not fallback >= 0:  # also refuses NaN; inf turns the fallback off
@@ -196,10 +252,20 @@ def _check_options(opts: dict[str, Any]) -> None:
         raise ValueError(
             f"expected option bank to name a bank file (from bnadapt bank build), got none at {opts['bank']}"
         )
-    _check_settings(opts["temperature"], opts["fallback"], opts["covariance"], opts["clean_prior"])
+    _check_settings(
+        opts["temperature"], opts["fallback"], opts["covariance"], opts["clean_prior"], opts["assign"], opts["mix"]
+    )
 
 
-_OPTIONS = {"bank": "", "mix": False, "temperature": 1.0, "fallback": 1.0, "covariance": "pooled", "clean_prior": 0.5}
+_OPTIONS = {
+    "bank": "",
+    "mix": False,
+    "temperature": 1.0,
+    "fallback": 1.0,
+    "covariance": "pooled",
+    "clean_prior": 0.5,
+    "assign": "batch",
+}
 
 
 @register_method("bank", images="unused", online=True, options=_OPTIONS, check=_check_options)
@@ -216,4 +282,5 @@ def bank(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Mo
         fallback=opts["fallback"],
         covariance=opts["covariance"],
         clean_prior=opts["clean_prior"],
+        assign=opts["assign"],
     )
