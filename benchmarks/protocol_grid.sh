@@ -16,20 +16,6 @@ JOBS=${2:-2}
 ONLY=${3:-.*}
 BNADAPT=${BNADAPT:-bnadapt}
 PY=${PYTHON:-python}
-mkdir -p "$OUT"
-cd "$OUT"
-if [ ! -f eval.npz ]; then
-  "$PY" - <<'PYEOF'
-import os
-import numpy as np
-shared = os.environ.get("BNADAPT_SHARED", "../shared")
-d = np.load(f"{shared}/data/cifar10/test1000_lossless.npz")
-np.savez("build.npz", x=d["x"][:500], y=d["y"][:500])
-np.savez("eval.npz", x=d["x"][500:], y=d["y"][500:])
-PYEOF
-fi
-[ -f bank.safetensors ] || OMP_NUM_THREADS=1 "$BNADAPT" bank build --model cifar10_resnet20 \
-  --data generate:cifar:build.npz --corruptions common --severities 1,3,5 --n 64 --seed 0 --out bank.safetensors
 jobs_file=$(mktemp)
 for setting in reset continual mixed gradual; do
   for order in shuffled dirichlet:0.1; do
@@ -45,6 +31,25 @@ for setting in reset continual mixed gradual; do
     done
   done
 done
+if ! grep -qE -- "--out (peers|ours|refresh|banka)_(${ONLY})\$" "$jobs_file"; then
+  echo "protocol_grid.sh: no configuration matches '$ONLY' (tags look like reset_shuffled_b200, gradual_dirichlet0.1_b1)" >&2
+  rm -f "$jobs_file"
+  exit 2
+fi
+mkdir -p "$OUT"
+cd "$OUT"
+if [ ! -f eval.npz ]; then
+  "$PY" - <<'PYEOF'
+import os
+import numpy as np
+shared = os.environ.get("BNADAPT_SHARED", "../shared")
+d = np.load(f"{shared}/data/cifar10/test1000_lossless.npz")
+np.savez("build.npz", x=d["x"][:500], y=d["y"][:500])
+np.savez("eval.npz", x=d["x"][500:], y=d["y"][500:])
+PYEOF
+fi
+[ -f bank.safetensors ] || OMP_NUM_THREADS=1 "$BNADAPT" bank build --model cifar10_resnet20 \
+  --data generate:cifar:build.npz --corruptions common --severities 1,3,5 --n 64 --seed 0 --out bank.safetensors
 # Longest first: gradual and b=1 runs, then the rest.
 grep -E -- "--out (peers|ours|refresh|banka)_(${ONLY})\$" "$jobs_file" | sort -t_ -k1,1 | awk '/gradual/ {print 0 "\t" $0; next} / -b 1 / {print 1 "\t" $0; next} {print 2 "\t" $0}' \
   | sort -s -k1,1n | cut -f2- | OMP_NUM_THREADS=1 xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>> grid.log || echo "FAILED: {}" >> grid.log'
