@@ -216,6 +216,21 @@ def test_run_benchmark_rows_for_rbn_and_dua(tmp_path, one_thread):
     ]  # fmt: skip
 
 
+def test_dua_without_images_is_seeded_per_seed_in_a_benchmark(tmp_path, one_thread):
+    x = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "five.npz", x=x, y=np.arange(12) % 5)
+    data = open_data(f"generate:cifar:{tmp_path / 'five.npz'}", ["contrast"], [5])
+    config = BenchConfig(methods=("dua",), ns=(0,), seeds=(0, 1), batch_size=4, options={"copies": 2})
+
+    def outcome():  # (seed, cell) -> the counts of one run
+        rows = run_benchmark({"tiny": make_tiny()}, data, config)
+        return {(r["seed"], r["corruption"]): (r["correct"], r["correct5"]) for r in rows}
+
+    first = outcome()
+    assert sorted(first) == [(0, "clean"), (0, "contrast"), (1, "clean"), (1, "contrast")]
+    assert outcome() == first  # the augmentations come from the seed, not from fresh entropy
+
+
 def test_bench_cli_with_rbn_and_dua_options(tmp_path, resnet20_checkpoint, capsys):
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", x=x, y=np.arange(4))

@@ -85,7 +85,9 @@ class MethodSpec:
     ``reset()``). ``shardable``: its statistics are one :func:`bnadapt.bn.estimate_stats` over the sample, so the
     sample can be split over processes (a callable decides from the options). ``options``: name -> default.
     ``check``: refuses bad option values (ValueError). ``needs_bn``: it works on BatchNorm statistics, so a model
-    without BN layers is refused (``source`` and ``tent`` run on LayerNorm/GroupNorm models too).
+    without BN layers is refused (``source`` and ``tent`` run on LayerNorm/GroupNorm models too). ``random``: it
+    draws random numbers of its own (``dua``'s augmentations), seeded by ``seed``, so a benchmark runs it once per
+    seed even without images.
 
     Example:
         >>> method_spec("replace").shardable, method_spec("tent").online
@@ -100,6 +102,7 @@ class MethodSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
     needs_bn: bool = True
+    random: bool = False
 
     def can_shard(self, options: Mapping[str, Any]) -> bool:
         """Whether the sample may be split over processes with these options (defaults filled in)."""
@@ -126,6 +129,7 @@ def register_method(
     check: Callable[[dict[str, Any]], None] | None = None,
     shardable: bool | Callable[[Mapping[str, Any]], bool] = False,
     needs_bn: bool = True,
+    random: bool = False,
 ) -> Callable[[Method], Method]:
     """Add an adaptation method to the registry under ``name`` (used by :func:`adapt`, the CLI and benchmarks).
 
@@ -145,7 +149,8 @@ def register_method(
         raise ValueError(f"expected images to be required, optional or unused, got {images!r}")
 
     def deco(fn: Method) -> Method:
-        _registry()[name] = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check, needs_bn)
+        spec = MethodSpec(name, fn, images, online, shardable, dict(options or {}), check, needs_bn, random)
+        _registry()[name] = spec
         return fn
 
     return deco

@@ -29,6 +29,7 @@ from .adapt import (
     is_online,
     method_names,
     method_options,
+    method_spec,
     method_uses_images,
     option_default,
     parse_options,
@@ -136,13 +137,14 @@ class BenchConfig:
 
 def variants(config: BenchConfig) -> list[Variant]:
     """Every (method, n, seed) to evaluate per cell; image-free methods (and online ones at n = 0) once, as
-    (method, 0, None); offline methods skip n = 0.
+    (method, 0, None), unless they draw random numbers of their own (``dua``): then once per seed; offline methods
+    skip n = 0.
 
     Example:
         >>> variants(BenchConfig(methods=("source", "replace"), ns=(8, 32), seeds=(0, 1)))
         [('source', 0, None), ('replace', 8, 0), ('replace', 8, 1), ('replace', 32, 0), ('replace', 32, 1)]
-        >>> variants(BenchConfig(methods=("tent", "replace"), ns=(0, 8)))
-        [('tent', 0, None), ('tent', 8, 0), ('replace', 8, 0)]
+        >>> variants(BenchConfig(methods=("tent", "dua"), ns=(0, 8), seeds=(0, 1)))
+        [('tent', 0, None), ('tent', 8, 0), ('tent', 8, 1), ('dua', 0, 0), ('dua', 0, 1), ('dua', 8, 0), ('dua', 8, 1)]
     """
     out: list[Variant] = []
     for m in config.methods:
@@ -153,7 +155,7 @@ def variants(config: BenchConfig) -> list[Variant]:
             if n > 0:
                 out += [(m, n, s) for s in config.seeds]
             elif is_online(m):
-                out.append((m, 0, None))
+                out += [(m, 0, s) for s in config.seeds] if method_spec(m).random else [(m, 0, None)]
     return list(dict.fromkeys(out))
 
 

@@ -485,8 +485,9 @@ def add_seeds_arg(g) -> None:
         **list_flag(int_list),
         default=(0,),
         metavar="S",
-        help="seeds of the draws of the n adaptation images from each cell (one adapted model per seed), e.g. 0,1,2 "
-        "or 0-4; not the corruption noise, see --corrupt-seed (default: 0)",
+        help="seeds of the draws of the n adaptation images from each cell (one adapted model per seed), and of a "
+        "method's own randomness (dua's augmentations), e.g. 0,1,2 or 0-4; not the corruption noise, see "
+        "--corrupt-seed (default: 0)",
     )
 
 

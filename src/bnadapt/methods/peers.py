@@ -178,6 +178,7 @@ def _check_dua(options: dict) -> None:
     online=True,
     options={"momentum": 0.1, "decay": 0.94, "min_momentum": 0.005, "copies": 64},
     check=_check_dua,
+    random=True,
 )
 def dua(model: nn.Module, images, cfg: AdaptConfig, layers: list[str]) -> nn.Module:
     """A :class:`DUA` wrapper; given images, it first adapts on them, one image at a time."""
