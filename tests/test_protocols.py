@@ -13,8 +13,7 @@ from bnadapt.benchmark import BenchConfig, run_benchmark
 from bnadapt.cli import main
 from bnadapt.data import ArrayImages, Cell, open_data, to_float_nchw
 from bnadapt.models import cifar_resnet
-from bnadapt.runner import mixed_order
-from bnadapt.streams import check_order, draw_seed, plan_streams, stream_order
+from bnadapt.streams import check_order, draw_seed, mixed_order, plan_streams, stream_order
 from conftest import make_tiny
 
 CORR = ["gaussian_noise", "contrast"]

@@ -25,11 +25,11 @@ from .data import BenchData, Cell, ImageSet, IndexedImages, iter_batches_of
 from .methods import reset
 from .metrics import Accuracy
 from .results import row_key
-from .streams import draw_seed, stream_order
+from .streams import draw_seed, mixed_order, stream_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluator", "Run", "Variant", "mixed_order", "run_streams", "stream_label"]
+__all__ = ["Evaluator", "Run", "Variant", "run_streams", "stream_label"]
 
 Variant = tuple[str, int, "int | None"]  # (method, n, seed); n = 0 and seed None for methods that use no images
 
@@ -120,34 +120,6 @@ def _segments(p: int, stream: list[Cell], run: Run) -> list[_Segment]:
         return [_Segment(p, k, c, _ordered(s, c, run)) for k, (c, s) in enumerate(zip(stream, sets, strict=True))]
     origin, local = mixed_order([s.labels for s in sets], run.config.order, draw_seed(0, "mixed", "order"))
     return [_Segment(p, 0, None, _Mixed(sets, origin, local), origin)]
-
-
-def mixed_order(labels: list[np.ndarray], order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``mixed`` stream of several cells: per position, the cell (``origin``) and the image within it (``local``).
-
-    The cells are interleaved at random; ``order`` then acts on the union as on one cell: ``shuffled`` keeps the
-    random interleaving, ``sorted`` plays each cell's images in the data's own order (cells still interleaved), and
-    ``dirichlet:ALPHA`` makes the union's labels come in runs (each run mixes the cells).
-
-    Example:
-        >>> origin, local = mixed_order([np.array([0, 1, 0]), np.array([1, 1])], "sorted", 0)
-        >>> sorted(zip(origin.tolist(), local.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
-        True
-        >>> local[origin == 0].tolist()
-        [0, 1, 2]
-    """
-    origin = np.concatenate([np.full(len(y), k, np.int64) for k, y in enumerate(labels)])
-    local = np.concatenate([np.arange(len(y), dtype=np.int64) for y in labels])
-    perm = np.random.default_rng(seed).permutation(len(origin))
-    origin, local = origin[perm], local[perm]
-    if order == "sorted":
-        for k in range(len(labels)):
-            local[origin == k] = np.sort(local[origin == k])
-    elif order != "shuffled":
-        union = np.concatenate(labels)[perm]
-        again = stream_order(union, order, seed)
-        origin, local = origin[again], local[again]
-    return origin, local
 
 
 def stream_label(stream: list[Cell]) -> str:

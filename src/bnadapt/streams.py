@@ -9,7 +9,8 @@ which cells one model sees in a row without being reset (``--setting``).
 - setting ``reset`` (default): every cell is its own stream, adapted from the source model.
 - setting ``continual`` (CoTTA): per severity, one stream through the chosen corruptions in the benchmark's order.
 - setting ``gradual`` (CoTTA): one stream; each corruption at severities 1, 2, ..., 5, ..., 2, 1 before the next.
-- setting ``mixed``: every chosen cell's images shuffled into one stream (rows are still per cell).
+- setting ``mixed``: every chosen cell's images interleaved into one stream (rows are still per cell), the order
+  applied to the union (:func:`mixed_order`).
 
 The clean cell, when the data has one, is always a stream of its own.
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from .data import Cell
 
-__all__ = ["ORDERS", "SETTINGS", "check_order", "draw_seed", "plan_streams", "stream_order"]
+__all__ = ["ORDERS", "SETTINGS", "check_order", "draw_seed", "mixed_order", "plan_streams", "stream_order"]
 
 ORDERS = ("shuffled", "sorted", "dirichlet:ALPHA")
 SETTINGS = ("reset", "continual", "gradual", "mixed")
@@ -93,6 +94,34 @@ def stream_order(labels: np.ndarray, order: str, seed: int) -> np.ndarray:
             runs[s].append(part)
     out = [part for slot in runs for k in rng.permutation(len(slot)) for part in (slot[k],)]
     return np.concatenate(out).astype(np.int64)
+
+
+def mixed_order(labels: list[np.ndarray], order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``mixed`` stream of several cells: per position, the cell (``origin``) and the image within it (``local``).
+
+    The cells are interleaved at random; ``order`` then acts on the union as on one cell: ``shuffled`` keeps the
+    random interleaving, ``sorted`` plays each cell's images in the data's own order (cells still interleaved), and
+    ``dirichlet:ALPHA`` makes the union's labels come in runs (each run mixes the cells).
+
+    Example:
+        >>> origin, local = mixed_order([np.array([0, 1, 0]), np.array([1, 1])], "sorted", 0)
+        >>> sorted(zip(origin.tolist(), local.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+        True
+        >>> local[origin == 0].tolist()
+        [0, 1, 2]
+    """
+    origin = np.concatenate([np.full(len(y), k, np.int64) for k, y in enumerate(labels)])
+    local = np.concatenate([np.arange(len(y), dtype=np.int64) for y in labels])
+    perm = np.random.default_rng(seed).permutation(len(origin))
+    origin, local = origin[perm], local[perm]
+    if order == "sorted":
+        for k in range(len(labels)):
+            local[origin == k] = np.sort(local[origin == k])
+    elif order != "shuffled":
+        union = np.concatenate(labels)[perm]
+        again = stream_order(union, order, seed)
+        origin, local = origin[again], local[again]
+    return origin, local
 
 
 def plan_streams(cells: list[Cell], setting: str) -> list[list[Cell]]:

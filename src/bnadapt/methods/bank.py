@@ -7,6 +7,7 @@ best-matching condition of a :class:`bnadapt.bank.Bank`, or the source statistic
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ __all__ = ["AGREE", "ASSIGN", "BankModel"]
 
 ASSIGN = ("batch", "image", "auto")
 # assign=auto: the least share of a batch's images whose own best entry is the batch's that still counts as one
-# condition. Homogeneous CIFAR-10-C batches agree at about 0.5 on average, batches of a mixed stream of the 15
-# corruptions at about 0.03 (ResNet-20, the 46-entry bank of docs/results.md; set from that exploratory look).
+# condition. Batches of 16 of one CIFAR-10-C condition agree at 8-98% (median 36%), those of a mixed stream of the 15
+# corruptions at 3% (ResNet-20, the 46-entry bank; benchmarks/bank_assign.py, docs/results.md); set from that
+# exploratory look.
 AGREE = 0.1
 
 
@@ -184,18 +186,21 @@ class BankModel(nn.Module):
     def image_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per image of ``x``, the row of statistics it gets (None: one choice for the batch, already in place)."""
         score, dist = self.image_scores(x)
-        best = score.argmin(1)
-        batch_best = int(score.mean(0).argmin())
-        if self.assign == "batch" or self.assign == "auto" and float((best == batch_best).float().mean()) >= AGREE:
-            self._select_batch(score.mean(0), dist.mean(0))
+        batch_score, best = score.mean(0), score.argmin(1)
+        if (
+            self.assign == "batch"
+            or self.assign == "auto"
+            and float((best == batch_score.argmin()).float().mean()) >= AGREE
+        ):
+            self._select_batch(batch_score, dist.mean(0))
             return None
         own = dist.gather(1, best[:, None])[:, 0]
         rows = torch.where(own <= self.limit, best, torch.full_like(best, self._source_row))  # NaN falls back too
         names = [*self.conditions, FALLBACK]
-        chosen = [names[r] for r in rows.tolist()]
-        for name in chosen:
-            self.counts[name] += 1
-        self.last = max(set(chosen), key=chosen.count)
+        chosen = Counter(names[r] for r in rows.tolist())
+        for name, k in chosen.items():
+            self.counts[name] += k
+        self.last = chosen.most_common(1)[0][0]  # ties: the first to appear in the batch
         return rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +214,7 @@ class BankModel(nn.Module):
         out = None
         for row in rows.unique().tolist():
             at = rows == row
-            with torch.no_grad():
-                self._set_row(row)
+            self._set_row(row)
             self._current = row
             y = self.model(x[at])
             if out is None:
